@@ -1,0 +1,379 @@
+"""The secret cache: decrypted versions by name, kept fresh by the Refresher.
+
+No HTTP in here (as in the AWS agent's cache crate). Semantics:
+
+* **Single-flight**: concurrent loads or refreshes of one secret share one
+  store round trip and one decrypt.
+* **Cheap checks**: a refresh reads the stage map and its revision; only a
+  changed map fetches and decrypts, and only versions not already held.
+* **Stale only on transient errors**: when the store or a key provider is
+  unavailable, the last good value is served, marked stale, up to
+  ``max_stale``; then :class:`~agent.errors.StaleTooLong`. Not-found,
+  access-denied and decryption errors never fall back to stale data; a
+  refused envelope leaves the last good version in service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from agent.config import RefreshConfig
+from agent.errors import (
+    AgentError,
+    BackendUnavailable,
+    BadRequest,
+    DecryptionError,
+    SecretNotFound,
+    StaleTooLong,
+    VersionNotFound,
+)
+from agent.metrics import Metrics
+from agent.resolver import Resolver, envelope_digest
+from agent.stores.base import StageState
+from agent.types import CURRENT, Secret, normalize_stage, stages_of, utcnow, validate_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_EXTRA_VERSIONS = 8  # versions asked for by id that carry no stage, per secret
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """A cache answer: the secret, whether it is stale, and its age in seconds."""
+
+    secret: Secret
+    stale: bool = False
+    age: float = 0.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    name: str
+    state: StageState
+    versions: dict[str, Secret]
+    confirmed_at: float  # monotonic time of the last successful version check
+    wanted: set[str] = field(default_factory=lambda: {CURRENT})
+    extra: OrderedDict[str, Secret] = field(default_factory=OrderedDict)
+    failing_since: float | None = None
+    last_error: str | None = None
+    last_refresh: str | None = None  # ISO time of the last successful check
+    missing_since: float | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # version id -> envelope digest
+    last_forced: float = float("-inf")
+
+
+ChangeListener = Callable[[str], None]
+
+
+class SecretCache:
+    """Decrypted secrets by name, with single-flight loads and stale-if-error."""
+
+    def __init__(self, resolver: Resolver, *, settings: RefreshConfig, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.resolver = resolver
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
+        self._listeners: list[ChangeListener] = []
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, name: str, *, stage: str | None = None,
+                  version: str | None = None) -> Lookup:
+        """The secret ``name`` at ``stage`` (default CURRENT) or ``version``.
+
+        Raises:
+            InvalidName / BadRequest: bad name, or a version without that stage.
+            NotFound: no such secret, stage or version.
+            BackendUnavailable: nothing cached and the store is down, or stale
+                past ``max_stale`` (:class:`StaleTooLong`).
+            DecryptionError: the version's envelope was refused.
+        """
+        validate_name(name)
+        entry = self._entries.get(name)
+        if entry is None:
+            self.metrics.cache_requests.labels("miss").inc()
+            entry = await self._single_flight(("load", name), lambda: self._load(name))
+        else:
+            self._check_stale(entry)
+        stage = normalize_stage(stage) if stage is not None else None
+        if version is not None:
+            secret = await self._by_version(entry, version)
+            if stage is not None and stage not in secret.stages:
+                raise BadRequest(f"version {version!r} of {name!r} does not carry stage {stage!r}")
+        else:
+            secret = await self._by_stage(entry, stage or CURRENT)
+        stale = entry.failing_since is not None
+        self.metrics.cache_requests.labels("stale" if stale else "hit").inc()
+        return Lookup(secret, stale, max(0.0, self.clock() - entry.confirmed_at))
+
+    def names(self) -> list[str]:
+        """The names held, sorted."""
+        return sorted(self._entries)
+
+    def peek(self, name: str) -> Secret | None:
+        """The CURRENT version held for ``name``, without any I/O."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        vid = entry.state.stages.get(CURRENT)
+        return entry.versions.get(vid) if vid else None
+
+    def stage_map(self, name: str) -> StageState | None:
+        entry = self._entries.get(name)
+        return entry.state if entry else None
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Call ``listener(name)`` whenever a held secret's stage map changes."""
+        self._listeners.append(listener)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per-secret status for ``/v1/status`` (versions and times, never values)."""
+        now = self.clock()
+        out = []
+        for name in sorted(self._entries):
+            e = self._entries[name]
+            out.append({
+                "name": name,
+                "version_id": e.state.stages.get(CURRENT),
+                "stages": dict(e.state.stages),
+                "age_seconds": round(now - e.confirmed_at, 3),
+                "last_refresh": e.last_refresh,
+                "stale": e.failing_since is not None,
+                "last_error": e.last_error,
+            })
+        return out
+
+    def _check_stale(self, entry: _Entry) -> None:
+        if entry.failing_since is None:
+            return
+        age = self.clock() - entry.confirmed_at
+        if age > self.settings.max_stale:
+            self.metrics.cache_requests.labels("error").inc()
+            raise StaleTooLong(
+                f"secret {entry.name!r} could not be refreshed for {age:.0f}s, longer than "
+                f"max_stale ({self.settings.max_stale:.0f}s): {entry.last_error}",
+                retry_after=self.settings.backoff_initial)
+
+    async def _by_stage(self, entry: _Entry, stage: str) -> Secret:
+        vid = entry.state.stages.get(stage)
+        if vid is None:
+            raise VersionNotFound(f"secret {entry.name!r} has no version at stage {stage!r}")
+        secret = entry.versions.get(vid)
+        if secret is None:
+            # A stage not kept loaded until now (PENDING, a custom label): fetch it
+            # and keep it fresh from now on.
+            secret = await self._single_flight(
+                ("version", entry.name, vid),
+                lambda: self.resolver.fetch(entry.name, vid,
+                                            stages=stages_of(entry.state.stages, vid)))
+            if entry.state.stages.get(stage) == vid:
+                entry.versions[vid] = secret
+                entry.wanted.add(stage)
+        return secret
+
+    async def _by_version(self, entry: _Entry, version: str) -> Secret:
+        secret = entry.versions.get(version) or entry.extra.get(version)
+        if secret is not None:
+            return secret
+        secret = await self._single_flight(
+            ("version", entry.name, version),
+            lambda: self.resolver.fetch(entry.name, version,
+                                        stages=stages_of(entry.state.stages, version)))
+        entry.extra[version] = secret
+        while len(entry.extra) > _EXTRA_VERSIONS:
+            entry.extra.popitem(last=False)
+        return secret
+
+    # --------------------------------------------------------------- refresh
+
+    async def _load(self, name: str) -> _Entry:
+        state = await self.resolver.stages(name)
+        versions = await self._fetch_wanted(name, state, {CURRENT}, {})
+        entry = _Entry(name, state, versions, self.clock(), last_refresh=utcnow().isoformat())
+        self._entries[name] = entry
+        self.metrics.cache_secrets.set(len(self._entries))
+        return entry
+
+    async def refresh(self, name: str, *, trigger: str = "poll", force: bool = False) -> bool:
+        """One refresh attempt of ``name``: cheap check, then fetch what changed.
+
+        Args:
+            force: a client asked (``refresh=true``); rate-limited per secret.
+
+        Returns:
+            True if the stage map changed (or the secret was loaded or removed).
+
+        Raises:
+            The store's or resolver's error; the entry records it (and turns
+            stale on a transient one).
+        """
+        entry = self._entries.get(name)
+        if force and entry is not None:
+            now = self.clock()
+            if now - entry.last_forced < self.settings.request_min_interval:
+                return False
+            entry.last_forced = now
+        started = self.clock()
+        try:
+            changed: bool = await self._single_flight(
+                ("refresh", name), lambda: self._refresh(name))
+        except AgentError:
+            self.metrics.refreshes.labels(trigger, "error").inc()
+            raise
+        finally:
+            self.metrics.refresh_seconds.observe(self.clock() - started)
+        self.metrics.refreshes.labels(trigger, "changed" if changed else "unchanged").inc()
+        return changed
+
+    async def _refresh(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        if entry is None:
+            await self._single_flight(("load", name), lambda: self._load(name))
+            self._notify(name)
+            return True
+        try:
+            state = await self.resolver.stages(name)
+        except SecretNotFound as exc:
+            self.metrics.version_checks.labels("error").inc()
+            return self._missing(entry, exc)
+        except BackendUnavailable as exc:
+            self.metrics.version_checks.labels("error").inc()
+            self._failing(entry, exc)
+            raise
+        entry.missing_since = None
+        if state.revision == entry.state.revision:
+            self.metrics.version_checks.labels("unchanged").inc()
+            self._confirmed(entry)
+            return False
+        self.metrics.version_checks.labels("changed").inc()
+        try:
+            versions = await self._fetch_wanted(name, state, entry.wanted, entry.versions,
+                                                entry.refused)
+        except BackendUnavailable as exc:
+            self._failing(entry, exc)
+            raise
+        except AgentError as exc:
+            # Refused envelope or vanished version: keep the last good value.
+            entry.last_error = exc.message
+            raise
+        entry.state = state
+        entry.versions = versions
+        entry.extra = OrderedDict(
+            (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items())
+        self._confirmed(entry)
+        self._notify(name)
+        return True
+
+    async def _fetch_wanted(self, name: str, state: StageState, wanted: Iterable[str],
+                            held: dict[str, Secret],
+                            refused: dict[str, str] | None = None) -> dict[str, Secret]:
+        versions: dict[str, Secret] = {}
+        for stage in sorted(wanted):
+            vid = state.stages.get(stage)
+            if vid is None or vid in versions:
+                continue
+            stages = stages_of(state.stages, vid)
+            if vid in held:
+                versions[vid] = held[vid].with_stages(stages)
+                continue
+            versions[vid] = await self._fetch_once(name, vid, stages, refused)
+        return versions
+
+    async def _fetch_once(self, name: str, vid: str, stages: tuple[str, ...],
+                          refused: dict[str, str] | None) -> Secret:
+        stored = await self.resolver.store.read_version(name, vid)
+        digest = envelope_digest(stored.envelope)
+        if refused is not None and refused.get(vid) == digest:
+            raise DecryptionError(
+                f"envelope of secret {name!r} version {vid!r} was refused before "
+                "and has not changed")
+        self.metrics.fetches.labels("ok").inc()
+        try:
+            return await self.resolver.open(name, vid, stored.envelope, stored.created_at, stages)
+        except DecryptionError as exc:
+            log.warning("refused envelope: %s; the last good value stays in service", exc.message)
+            if refused is not None:
+                refused[vid] = digest
+            raise
+
+    def _confirmed(self, entry: _Entry) -> None:
+        if entry.failing_since is not None:
+            log.info("secret %r refreshed again after %.1fs", entry.name,
+                     self.clock() - entry.failing_since)
+        entry.failing_since = None
+        entry.last_error = None
+        entry.confirmed_at = self.clock()
+        entry.last_refresh = utcnow().isoformat()
+        self._update_stale_gauge()
+
+    def _failing(self, entry: _Entry, exc: AgentError) -> None:
+        if entry.failing_since is None:
+            entry.failing_since = self.clock()
+        entry.last_error = exc.message
+        self._update_stale_gauge()
+
+    def _missing(self, entry: _Entry, exc: SecretNotFound) -> bool:
+        now = self.clock()
+        if entry.missing_since is None:
+            entry.missing_since = now
+            log.warning("secret %r is gone from the store; dropping it in %.0fs unless it "
+                        "returns", entry.name, self.settings.delete_grace)
+        if now - entry.missing_since < self.settings.delete_grace:
+            return False
+        self.remove(entry.name)
+        self.metrics.secrets_removed.inc()
+        log.warning("secret %r removed from the agent: deleted from the store", entry.name)
+        self._notify(entry.name)
+        return True
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (it is loaded again on the next read)."""
+        self._entries.pop(name, None)
+        self.metrics.cache_secrets.set(len(self._entries))
+        self._update_stale_gauge()
+
+    def _update_stale_gauge(self) -> None:
+        self.metrics.cache_stale_secrets.set(
+            sum(1 for e in self._entries.values() if e.failing_since is not None))
+
+    def _notify(self, name: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(name)
+            except Exception:
+                log.exception("change listener failed for secret %r", name)
+
+    # ----------------------------------------------------------- single-flight
+
+    async def _single_flight(self, key: tuple[str, ...],
+                             factory: Callable[[], Awaitable[T]]) -> T:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(factory())
+            self._inflight[key] = task
+            task.add_done_callback(lambda t: self._done(key, t))
+        # shield: a cancelled reader must not cancel the shared work of others.
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _done(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here in case every waiter was cancelled
+
+    async def aclose(self) -> None:
+        """Cancel in-flight work and drop every value."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._entries.clear()

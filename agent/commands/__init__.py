@@ -1,0 +1,1 @@
+"""CLI subcommands, one module per area; ``agent.cli`` only parses and dispatches."""

@@ -1,0 +1,232 @@
+"""Writer and reader subcommands: put, import, get, list, describe, promote."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.commands.common import EXIT_OK, Progress, err, load, run_async, with_core
+from agent.core import Core
+from agent.errors import BadRequest, SecretNotFound
+from agent.types import CURRENT, normalize_stage, stages_of, validate_name
+
+_IMPORT_CONCURRENCY = 16
+
+
+def _read_value(args: argparse.Namespace) -> bytes:
+    if args.value is not None:
+        err("warning: --value shows the secret in the process list and shell history; "
+            "prefer stdin or --file")
+        return str(args.value).encode()
+    if args.file is not None:
+        return Path(args.file).read_bytes()
+    if sys.stdin.isatty():
+        err("reading the value from the terminal; end with Ctrl-D")
+    data = sys.stdin.buffer.read()
+    # A value piped with `echo` carries one trailing newline that is not part of it.
+    return data[:-1] if data.endswith(b"\n") and not data.endswith(b"\n\n") else data
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    config = load(args)
+    validate_name(args.name)
+    value = _read_value(args)
+    value_type = "binary" if args.binary else "string"
+    if value_type == "string":
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the value is not UTF-8 text; use --binary") from None
+
+    async def go(core: Core) -> Any:
+        return await core.writer().put(args.name, value, value_type=value_type,
+                                       stage=args.stage, validate_json=args.json)
+
+    result = run_async(with_core(config, go))
+    print(f"{result.name}: version {result.version_id} {' '.join(result.stages)}")
+    return EXIT_OK
+
+
+def parse_import_file(path: Path, fmt: str | None) -> dict[str, bytes]:
+    """Secrets from a JSON/YAML mapping or a dotenv file, as name -> bytes."""
+    text = path.read_text(encoding="utf-8")
+    fmt = fmt or {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".env": "dotenv"}.get(
+        path.suffix.lower(), "dotenv" if path.name.startswith(".env") else "yaml")
+    doc: Any
+    if fmt == "dotenv":
+        doc = {}
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if not sep:
+                raise BadRequest(f"{path}:{lineno}: expected NAME=VALUE")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            doc[key.strip()] = value
+    else:
+        try:
+            doc = json.loads(text) if fmt == "json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise BadRequest(f"{path}: not valid {fmt}: {type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(f"{path}: expected a mapping of secret names to values")
+    out = {}
+    for name, value in doc.items():
+        validate_name(str(name))
+        out[str(name)] = (value if isinstance(value, str) else json.dumps(value)).encode()
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    config = load(args)
+    secrets = parse_import_file(Path(args.path), args.format)
+    prefix = args.prefix or ""
+    progress = Progress(len(secrets), "import")
+
+    async def go(core: Core) -> None:
+        writer = core.writer()
+        sem = asyncio.Semaphore(_IMPORT_CONCURRENCY)
+
+        async def one(name: str, value: bytes) -> None:
+            async with sem:
+                await writer.put(prefix + name, value)
+                progress.step()
+
+        async with asyncio.TaskGroup() as tg:
+            for name, value in secrets.items():
+                tg.create_task(one(name, value))
+
+    try:
+        run_async(with_core(config, go))
+    finally:
+        progress.close()
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    config = load(args)
+    validate_name(args.name)
+
+    async def go(core: Core) -> bytes:
+        stage = normalize_stage(args.stage or CURRENT)
+        version = args.version
+        if version is None:
+            state = await core.store.read_stages(args.name)
+            version = state.stages.get(stage)
+            if version is None:
+                raise SecretNotFound(f"secret {args.name!r} has no version at stage {stage!r}")
+        secret = await core.resolver.fetch(args.name, version)
+        if args.key is not None:
+            field = secret.value.json_key(args.key)
+            return (field if isinstance(field, str) else json.dumps(field)).encode()
+        return secret.value.reveal()
+
+    value = run_async(with_core(config, go))
+    sys.stdout.buffer.write(value)
+    if sys.stdout.isatty() and not value.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load(args)
+
+    async def go(core: Core) -> list[dict[str, Any]]:
+        out = []
+        for name in await core.store.list_names():
+            state = await core.store.read_stages(name)
+            out.append({"name": name, "stages": dict(state.stages)})
+        return out
+
+    rows = run_async(with_core(config, go))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']}\t{row['stages'].get(CURRENT, '-')}")
+    return EXIT_OK
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    config = load(args)
+    validate_name(args.name)
+
+    async def go(core: Core) -> dict[str, Any]:
+        state = await core.store.read_stages(args.name)
+        versions = await core.store.list_versions(args.name)
+        return {"name": args.name, "store": core.store.store_id,
+                "stages": dict(state.stages),
+                "versions": [{"version_id": v, "created_at": t.isoformat(),
+                              "stages": list(stages_of(state.stages, v))} for v, t in versions]}
+
+    doc = run_async(with_core(config, go))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{doc['name']} (store {doc['store']})")
+        for v in doc["versions"]:
+            print(f"  {v['version_id']}  {v['created_at']}  {' '.join(v['stages'])}")
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    config = load(args)
+
+    async def go(core: Core) -> Any:
+        return await core.writer().promote(args.name, args.stage, args.version)
+
+    state = run_async(with_core(config, go))
+    print(f"{args.name}: " + " ".join(f"{s}={v}" for s, v in sorted(state.stages.items())))
+    return EXIT_OK
+
+
+def register(sub: Any) -> None:
+    """Add this module's subcommands to the parser."""
+    p = sub.add_parser("put", help="write a new version (value from stdin by default)")
+    p.add_argument("name")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--file", help="read the value from this file")
+    src.add_argument("--value", help="the value itself (visible in the process list)")
+    p.add_argument("--json", action="store_true", help="check that the value is JSON")
+    p.add_argument("--binary", action="store_true", help="store the bytes as a binary value")
+    p.add_argument("--stage", default=CURRENT, help="stage to move to it (default CURRENT)")
+    p.set_defaults(func=cmd_put)
+
+    p = sub.add_parser("import", help="write many secrets from a JSON, YAML or dotenv file")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["json", "yaml", "dotenv"])
+    p.add_argument("--prefix", help="prepended to every name, e.g. app/")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("get", help="decrypt and print one secret (reads the store directly)")
+    p.add_argument("name")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--stage")
+    sel.add_argument("--version")
+    p.add_argument("--key", help="print one field of a JSON secret")
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("list", help="list secret names and their CURRENT versions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("describe", help="versions and stages of a secret (never values)")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("promote", help="move a stage to a version")
+    p.add_argument("name")
+    p.add_argument("stage")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_promote)

@@ -1,0 +1,540 @@
+"""The configuration: YAML in, one frozen, validated tree out.
+
+Load it once with :func:`load_config` (or :func:`parse_config` for a dict) and
+pass it down; there are no module-level config globals. Unknown keys and bad
+values raise :class:`~agent.errors.ConfigError` whose message names the YAML
+path and the reason, e.g. ``templates[2].mode: expected an octal string like
+"0400", got 420``. Relative paths are resolved against the config file's
+directory. Every field has a default, listed in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.errors import ConfigError
+
+# --------------------------------------------------------------------------- scalar types
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """``"500ms"``, ``"30s"``, ``"5m"``, ``"24h"``, ``"30d"`` (or a number of seconds) to seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)  # a bare number is seconds
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f'expected a duration like "500ms", "30s", "5m", "24h" or "30d", got {value!r}')
+
+
+def _parse_mode(value: object) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    hint = " (quote it in YAML: an unquoted 0400 is read as a number)" if isinstance(
+        value, int) else ""
+    raise ValueError(f'expected an octal string like "0400", got {value!r}{hint}')
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return Path(os.path.normpath(value))
+
+
+def _check_secret_ref(value: str) -> str:
+    if not isinstance(value, str) or not (
+        value.startswith("env:") and len(value) > 4 or value.startswith("file:") and len(value) > 5
+    ):
+        # Never echo the value: a literal here is likely a secret pasted in.
+        raise ValueError(
+            "expected a reference like env:VAR or file:///path/to/file, not a literal value")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Mode = Annotated[int, BeforeValidator(_parse_mode)]
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+SecretRef = Annotated[str, AfterValidator(_check_secret_ref)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def read_secret_ref(ref: str, *, base_dir: Path | None = None) -> bytes:
+    """Read the material a ``env:VAR`` or ``file:PATH`` reference points at.
+
+    Raises:
+        ConfigError: the variable is unset or the file unreadable. The message
+            names the reference, never its content.
+    """
+    if ref.startswith("env:"):
+        var = ref[4:]
+        if var not in os.environ:
+            raise ConfigError(f"environment variable {var} (from {ref!r}) is not set")
+        return os.environ[var].encode()
+    path = Path(ref[7:] if ref.startswith("file://") else ref[5:])
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {ref!r}: {exc.strerror}") from None
+
+
+def _default_runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/secrets-agent")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "secrets-agent"
+    return Path(f"/tmp/secrets-agent-{os.getuid()}")  # noqa: S108 - private dir, checked at bind
+
+
+def default_socket_path() -> Path:
+    """``$XDG_RUNTIME_DIR/secrets-agent/agent.sock``, or ``/run/secrets-agent/agent.sock``."""
+    return _default_runtime_dir() / "agent.sock"
+
+
+def default_render_dir() -> Path:
+    """Where rendered files go by default: a tmpfs under the runtime directory."""
+    if os.geteuid() == 0:
+        return Path("/run/secrets-agent/secrets")
+    return _default_runtime_dir()
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TcpListenConfig(_Model):
+    address: str = "127.0.0.1:2773"
+    tokens: dict[str, SecretRef] = Field(default_factory=dict)
+    max_connections: PositiveInt = 800
+    aws_path_prefix: str = "/v1/"
+
+    @field_validator("address")
+    @classmethod
+    def _loopback_only(cls, v: str) -> str:
+        host, port = split_host_port(v)
+        if host != "localhost":
+            try:
+                if not ipaddress.ip_address(host).is_loopback:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"the TCP listener must be on loopback (127.0.0.1 or ::1), got {v!r}"
+                ) from None
+        return v
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:2773"`` / ``"[::1]:2773"`` to ``(host, port)``."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value or "")
+    if not m:
+        raise ValueError(f'expected "host:port" like "127.0.0.1:2773", got {value!r}')
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+class ListenConfig(_Model):
+    socket: ConfigPath = Field(default_factory=default_socket_path)
+    socket_mode: Mode = Field(default="0660")
+    socket_group: str | int | None = None
+    max_connections: PositiveInt = 800
+    tcp: TcpListenConfig | None = None
+
+
+class MetricsConfig(_Model):
+    listen: str | None = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v)
+        return v
+
+
+class LocalKeysConfig(_Model):
+    type: Literal["local"]
+    keyring: ConfigPath = Path("keyring.json")
+    passphrase: SecretRef | None = None
+
+
+class Pkcs11KeysConfig(_Model):
+    type: Literal["pkcs11"]
+    module: ConfigPath
+    token: str
+    pin: SecretRef
+    key: str = "secrets-agent-master"
+    mechanism: Literal["aes-gcm", "aes-key-wrap-pad"] = "aes-gcm"
+
+
+class KmsKeysConfig(_Model):
+    type: Literal["aws-kms"]
+    key_id: str
+    region: str | None = None
+    endpoint_url: str | None = None
+    timeout: Duration = 5.0
+
+
+KeyProviderConfig = Annotated[
+    LocalKeysConfig | Pkcs11KeysConfig | KmsKeysConfig, Field(discriminator="type")
+]
+
+
+class DataKeysConfig(_Model):
+    cache_capacity: PositiveInt = 1024
+    max_age: Duration = 300.0
+    max_uses: PositiveInt = 100_000
+    max_messages: PositiveInt = 1000
+
+
+class _StoreBase(_Model):
+    id: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class FileStoreConfig(_StoreBase):
+    type: Literal["file"]
+    path: ConfigPath = Path("store")
+
+
+class TlsConfig(_Model):
+    ca: ConfigPath | None = None
+    cert: ConfigPath | None = None
+    key: ConfigPath | None = None
+
+
+class EtcdStoreConfig(_StoreBase):
+    type: Literal["etcd"]
+    endpoints: list[str] = Field(default_factory=lambda: ["127.0.0.1:2379"], min_length=1)
+    prefix: str = "/secrets-agent"
+    username: str | None = None
+    password: SecretRef | None = None
+    tls: TlsConfig | None = None
+    timeout: Duration = 5.0
+
+
+class AwsSecretsManagerStoreConfig(_StoreBase):
+    type: Literal["aws-secretsmanager"]
+    region: str | None = None
+    endpoint_url: str | None = None
+    client_side_encryption: bool = True
+    name_prefix: str = ""
+    timeout: Duration = 5.0
+
+
+class S3StoreConfig(_StoreBase):
+    type: Literal["s3"]
+    bucket: str
+    prefix: str = "secrets-agent"
+    region: str | None = None
+    endpoint_url: str | None = None
+    timeout: Duration = 5.0
+
+
+StoreConfig = Annotated[
+    FileStoreConfig | EtcdStoreConfig | AwsSecretsManagerStoreConfig | S3StoreConfig,
+    Field(discriminator="type"),
+]
+
+
+class RefreshConfig(_Model):
+    interval: Duration = 60.0
+    watch_interval: Duration = 300.0
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    watch: bool = True
+    max_stale: Duration = 86400.0
+    backoff_initial: Duration = 1.0
+    backoff_max: Duration = 60.0
+    request_min_interval: Duration = 1.0
+    delete_grace: Duration = 300.0
+
+
+class AccessRule(_Model):
+    secrets: list[str] = Field(min_length=1)
+    uids: list[int] = Field(default_factory=list)
+    gids: list[int] = Field(default_factory=list)
+    exe: list[str] = Field(default_factory=list)
+    token: str | None = None
+    stages: list[str] = Field(default_factory=lambda: ["CURRENT", "PREVIOUS"])
+
+    @model_validator(mode="after")
+    def _someone(self) -> AccessRule:
+        if not (self.uids or self.gids or self.token):
+            raise ValueError("a rule must name uids, gids or a token")
+        return self
+
+
+def _default_access() -> list[AccessRule]:
+    return [AccessRule(secrets=["*"], uids=[os.getuid()])]
+
+
+class SecretSelector(_Model):
+    name: str
+    stage: str | None = None
+    version: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class OnChangeConfig(_Model):
+    signal: str | None = None
+    pid: int | None = None
+    pid_file: ConfigPath | None = None
+    command: list[str] | None = Field(default=None, min_length=1)
+    timeout: Duration = 30.0
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str | None) -> str | None:
+        import signal as _signal
+
+        if v is not None:
+            name = v if v.startswith("SIG") else f"SIG{v}"
+            if not hasattr(_signal.Signals, name):
+                raise ValueError(f"unknown signal {v!r}")
+            return name
+        return v
+
+
+class WaitConfig(_Model):
+    min: Duration = 0.0
+    max: Duration = 5.0
+
+
+class TemplateConfig(_Model):
+    destination: ConfigPath
+    secret: SecretSelector | None = None
+    secrets: list[SecretSelector] | None = None
+    key: str | None = None
+    format: Literal["raw", "json", "dotenv", "yaml", "files", "template"] = "raw"
+    template: str | None = None
+    template_file: ConfigPath | None = None
+    mode: Mode = Field(default="0400")
+    owner: str | int | None = None
+    group: str | int | None = None
+    allow_disk: bool = False
+    on_change: OnChangeConfig | None = None
+    wait: WaitConfig = Field(default_factory=WaitConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TemplateConfig:
+        if (self.secret is None) == (self.secrets is None):
+            raise ValueError("give exactly one of 'secret' or 'secrets'")
+        if self.format == "template" and (self.template is None) == (self.template_file is None):
+            raise ValueError("format 'template' needs exactly one of 'template' or 'template_file'")
+        if self.format != "template" and (self.template or self.template_file):
+            raise ValueError("'template' is only used with format 'template'")
+        if self.secrets is not None and self.format != "template" and len(self.secrets) > 1:
+            raise ValueError(f"format {self.format!r} takes one secret; use format 'template'")
+        return self
+
+    @property
+    def selectors(self) -> list[SecretSelector]:
+        """The secrets this template reads."""
+        return [self.secret] if self.secret is not None else list(self.secrets or [])
+
+
+class RenderConfig(_Model):
+    allowed_dirs: list[ConfigPath] = Field(default_factory=list)
+    cleanup_on_exit: bool = False
+
+
+class RotationConfig(_Model):
+    secret: str
+    every: Duration
+    rotator: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuditConfig(_Model):
+    path: str | None = None
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class AgentConfig(_Model):
+    """The whole configuration tree."""
+
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    keys: dict[str, KeyProviderConfig] = Field(
+        default_factory=lambda: {"local": LocalKeysConfig(type="local")})
+    write_keys: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    datakeys: DataKeysConfig = Field(default_factory=DataKeysConfig)
+    store: StoreConfig = Field(default_factory=lambda: FileStoreConfig(type="file"))
+    secrets: list[str] = Field(default_factory=lambda: ["*"])
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
+    access: list[AccessRule] = Field(default_factory=_default_access)
+    templates: list[TemplateConfig] = Field(default_factory=list)
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    rotation: list[RotationConfig] = Field(default_factory=list)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    #: Directory of the config file; relative references resolve against it.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    #: The file this config was loaded from, if any.
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("keys")
+    @classmethod
+    def _some_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("at least one key provider is needed")
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"key provider name {name!r}: use 1-64 of A-Za-z0-9_.-")
+        return v
+
+    @field_validator("write_keys")
+    @classmethod
+    def _write_keys_defined(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        keys = info.data.get("keys") or {}
+        for name in v:
+            if keys and name not in keys:
+                raise ValueError(f"names {name!r}, which is not a provider under 'keys'")
+        return v
+
+    @field_validator("access")
+    @classmethod
+    def _tokens_defined(cls, v: list[AccessRule], info: ValidationInfo) -> list[AccessRule]:
+        listen = info.data.get("listen")
+        tokens = listen.tcp.tokens if listen is not None and listen.tcp else {}
+        for i, rule in enumerate(v):
+            if rule.token is not None and rule.token not in tokens:
+                raise ValueError(
+                    f"rule {i} names token {rule.token!r}, not defined in listen.tcp.tokens")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+
+_UNION_PARENTS = {"store"}
+_TAGS = {"file", "etcd", "aws-secretsmanager", "s3", "local", "pkcs11", "aws-kms"}
+_SENSITIVE = {"pin", "passphrase", "password", "tokens"}
+_MESSAGES = {
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+}
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        parent = loc[i - 1] if i else None
+        grandparent = loc[i - 2] if i > 1 else None
+        if part in _TAGS and (parent in _UNION_PARENTS or grandparent == "keys"):
+            continue  # pydantic's discriminated-union tag, not a YAML key
+        if part.startswith("function-") or part in ("str", "int"):
+            continue
+        out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    path = _yaml_path(tuple(err["loc"]))
+    kind = err["type"]
+    if kind in _MESSAGES:
+        return f"{path}: {_MESSAGES[kind]}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    shows_input = kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid")
+    if shows_input and not (_SENSITIVE & {str(p) for p in err["loc"]}):
+        value = err.get("input")
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            msg += f", got {value!r}"
+    return f"{path}: {msg}"
+
+
+def parse_config(data: object, *, base_dir: Path | None = None,
+                 source: Path | None = None) -> AgentConfig:
+    """Validate a config mapping.
+
+    Raises:
+        ConfigError: every problem, one per line, each naming its YAML path.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping", path="(top level)")
+    base = (base_dir or Path.cwd()).resolve()
+    doc = dict(data)
+    for reserved in ("base_dir", "source"):
+        if reserved in doc:
+            raise ConfigError("unknown field", path=reserved)
+    doc["base_dir"] = base
+    # Sections whose defaults hold relative paths are filled in here, so they
+    # are validated (and resolved against the config directory) like any input.
+    doc.setdefault("keys", {"local": {"type": "local"}})
+    doc.setdefault("store", {"type": "file"})
+    doc["source"] = source
+    try:
+        return AgentConfig.model_validate(doc, context={"base_dir": base})
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the YAML config at ``path``.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or invalid content.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return parse_config(data, base_dir=path.parent, source=path)
+
+
+def default_config_path() -> Path:
+    """The config used when neither ``-c`` nor ``$SECRETS_AGENT_CONFIG`` is given."""
+    if os.geteuid() == 0:
+        return Path("/etc/secrets-agent/agent.yaml")
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "secrets-agent" / "agent.yaml"

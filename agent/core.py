@@ -1,0 +1,47 @@
+"""The parts every command needs: key providers, data keys, the store, the resolver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.config import AgentConfig
+from agent.crypto.datakeys import DataKeys
+from agent.keys import KeyProvider, create_provider
+from agent.metrics import Metrics
+from agent.resolver import Resolver
+from agent.stores import WritableStore, create_store
+from agent.writer import SecretWriter
+
+
+@dataclass
+class Core:
+    """Key providers, data keys, store and resolver built from one config."""
+
+    config: AgentConfig
+    metrics: Metrics
+    providers: dict[str, KeyProvider]
+    datakeys: DataKeys
+    store: WritableStore
+    resolver: Resolver
+
+    @classmethod
+    def build(cls, config: AgentConfig, *, metrics: Metrics | None = None) -> Core:
+        """Create every part (no network or disk I/O happens until first use)."""
+        metrics = metrics or Metrics()
+        providers = {name: create_provider(name, cfg, config=config, metrics=metrics)
+                     for name, cfg in config.keys.items()}
+        datakeys = DataKeys(providers, write_keys=config.write_keys, settings=config.datakeys,
+                            metrics=metrics)
+        store = create_store(config, metrics=metrics)
+        resolver = Resolver(store, datakeys, metrics=metrics)
+        return cls(config, metrics, providers, datakeys, store, resolver)
+
+    def writer(self) -> SecretWriter:
+        return SecretWriter(self.store, self.datakeys)
+
+    async def aclose(self) -> None:
+        """Close the store, wipe data keys, close providers."""
+        await self.store.aclose()
+        await self.datakeys.aclose()
+        for provider in self.providers.values():
+            await provider.aclose()

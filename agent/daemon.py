@@ -1,0 +1,165 @@
+"""Wiring of the running agent: one TaskGroup, signals, reload, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent.cache import SecretCache
+from agent.config import AgentConfig, load_config, split_host_port
+from agent.core import Core
+from agent.errors import AgentError, ConfigError
+from agent.logsetup import setup_logging
+from agent.metrics import Metrics
+from agent.refresh import Refresher
+from agent.server.access import AccessPolicy
+from agent.server.app import STATE, ServerState, build_app, metrics
+from agent.sockets import bind_unix_site
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """The agent process: serve, refresh, reload on SIGHUP, stop on SIGTERM/SIGINT."""
+
+    def __init__(self, config: AgentConfig, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.core = Core.build(config, metrics=self.metrics)
+        self.cache = SecretCache(self.core.resolver, settings=config.refresh, metrics=self.metrics)
+        self.refresher = Refresher(self.cache, self.core.store, settings=config.refresh,
+                                   patterns=config.secrets, metrics=self.metrics)
+        self.state = ServerState(self.cache, AccessPolicy(config.access), self.metrics,
+                                 ready=self.refresher.ready,
+                                 max_connections=config.listen.max_connections)
+        self.shutdown = asyncio.Event()
+        self._runners: list[web.AppRunner] = []
+        self._interrupts = 0
+        self.reload_hooks: list[Callable[[AgentConfig], None]] = []
+        #: Extra long-running coroutines (renderer, rotation), owned by the TaskGroup.
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Serve until :attr:`shutdown` is set; clean up everything started."""
+        self._install_signals()
+        try:
+            await self._start_listeners()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._startup_load()),
+                         tg.create_task(self.refresher.run()),
+                         *(tg.create_task(t()) for t in self.background)]
+                await self.shutdown.wait()
+                log.info("shutting down")
+                for task in tasks:
+                    task.cancel()
+        finally:
+            await self._stop_listeners()
+            await self.cache.aclose()
+            await self.core.aclose()
+            self._remove_signals()
+
+    async def _startup_load(self) -> None:
+        try:
+            await self.refresher.load_all()
+        except AgentError as exc:
+            log.warning("initial load incomplete (%s); the refresher keeps trying", exc.message)
+            self.refresher.poke()
+
+    async def _start_listeners(self) -> None:
+        listen = self.config.listen
+        app = build_app(self.state, listener="unix")
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        await bind_unix_site(runner, listen.socket, mode=listen.socket_mode,
+                             group=listen.socket_group)
+        log.info("serving on unix socket %s", listen.socket)
+        if self.config.metrics.listen is not None:
+            host, port = split_host_port(self.config.metrics.listen)
+            mapp = web.Application()
+            mapp[STATE] = self.state
+            mapp.router.add_get("/metrics", metrics)
+            mrunner = web.AppRunner(mapp, handle_signals=False, access_log=None)
+            await mrunner.setup()
+            self._runners.append(mrunner)
+            await web.TCPSite(mrunner, host, port).start()
+            log.info("metrics on http://%s/metrics", self.config.metrics.listen)
+
+    async def _stop_listeners(self) -> None:
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.listen.socket)
+
+    # -------------------------------------------------------------------- signals
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop)
+        loop.add_signal_handler(signal.SIGINT, self._on_interrupt)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _on_stop(self) -> None:
+        self.shutdown.set()
+
+    def _on_interrupt(self) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            log.warning("second interrupt: exiting now")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.listen.socket)
+            os._exit(130)
+        self.shutdown.set()
+
+    # --------------------------------------------------------------------- reload
+
+    def request_reload(self) -> None:
+        """Reload the config file (SIGHUP); an invalid one is rejected, the old one kept."""
+        source = self.config.source
+        if source is None:
+            log.warning("reload requested but the config was not loaded from a file")
+            return
+        try:
+            new = load_config(Path(source))
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("rejected").inc()
+            log.error("config reload rejected, keeping the running config: %s", exc.message)
+            return
+        self.apply(new)
+
+    def apply(self, new: AgentConfig) -> None:
+        """Apply a validated config; parts that need a restart keep their old values."""
+        old = self.config
+        for part in ("store", "keys", "write_keys", "listen", "metrics", "datakeys"):
+            if getattr(old, part) != getattr(new, part):
+                log.warning("config reload: %r changed; it takes effect after a restart", part)
+        setup_logging(new.log)
+        self.state.policy = AccessPolicy(new.access)
+        self.refresher.patterns = tuple(new.secrets)
+        self.refresher.settings = new.refresh
+        self.cache.settings = new.refresh
+        for hook in self.reload_hooks:
+            hook(new)
+        self.config = new.model_copy(update={
+            "store": old.store, "keys": old.keys, "write_keys": old.write_keys,
+            "listen": old.listen, "metrics": old.metrics, "datakeys": old.datakeys})
+        self.metrics.config_reloads.labels("applied").inc()
+        log.info("config reloaded from %s", new.source)
+        self.refresher.poke()

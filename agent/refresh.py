@@ -1,0 +1,204 @@
+"""Keep the cache fresh: push where the store can, polling everywhere, backoff on errors.
+
+One attempt (:meth:`SecretCache.refresh`) is kept apart from the policy here:
+a poll loop with jittered intervals, a watch loop restarted with backoff, and
+one store-wide backoff while the store is unavailable, so an outage is probed
+once per backoff step (and logged once per step), not once per secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from agent.cache import SecretCache
+from agent.config import RefreshConfig
+from agent.errors import AgentError, BackendUnavailable, NotFound
+from agent.metrics import Metrics
+from agent.stores.base import SecretStore, WatchableStore
+
+log = logging.getLogger(__name__)
+_CONCURRENCY = 16
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` (names or globs)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Backoff:
+    """Exponential backoff with jitter: ``initial * 2**n``, capped, times 1 +/- jitter."""
+
+    def __init__(self, *, initial: float, maximum: float, jitter: float,
+                 rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.jitter = jitter
+        self.failures = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+
+    def next_delay(self) -> float:
+        """Record a failure and return the delay before the next attempt."""
+        base = min(self.maximum, self.initial * 2 ** self.failures)
+        self.failures += 1
+        return base * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Refresher:
+    """Loads the configured secrets, then keeps every cached secret fresh."""
+
+    def __init__(self, cache: SecretCache, store: SecretStore, *, settings: RefreshConfig,
+                 patterns: Sequence[str], metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cache = cache
+        self.store = store
+        self.settings = settings
+        self.patterns = tuple(patterns)
+        self.metrics = metrics
+        self.clock = clock
+        self.ready = asyncio.Event()
+        self.watching = False
+        self.store_down_since: float | None = None
+        self._backoff = Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max,
+                                jitter=settings.jitter)
+        self._wake = asyncio.Event()
+        self._failed_for_good: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ startup
+
+    async def load_all(self, *, trigger: str = "startup") -> None:
+        """Load every configured secret (names and globs); set ``ready`` when done.
+
+        A secret that fails for good (not found, refused) is recorded and does
+        not hold readiness back; a transient failure does, until it loads.
+        """
+        names = await self._wanted_names()
+        await self._refresh_many(names, trigger=trigger)
+        self._check_ready(names)
+
+    async def _wanted_names(self) -> list[str]:
+        literal = [p for p in self.patterns if not any(c in p for c in "*?[")]
+        if len(literal) == len(self.patterns):
+            return sorted(set(literal))
+        listed = await self.store.list_names()
+        return sorted({n for n in listed if matches(n, self.patterns)} | set(literal))
+
+    async def _refresh_many(self, names: Iterable[str], *, trigger: str) -> list[str]:
+        """Refresh ``names`` with bounded concurrency; return those that failed transiently."""
+        sem = asyncio.Semaphore(_CONCURRENCY)
+        transient: list[str] = []
+
+        async def one(name: str) -> None:
+            async with sem:
+                try:
+                    await self.cache.refresh(name, trigger=trigger)
+                    self._failed_for_good.pop(name, None)
+                except BackendUnavailable as exc:
+                    transient.append(name)
+                    self._note_outage(exc)
+                except AgentError as exc:
+                    self._failed_for_good[name] = exc.message
+                    if not isinstance(exc, NotFound):
+                        log.warning("secret %r: %s", name, exc.message)
+
+        async with asyncio.TaskGroup() as tg:
+            for name in names:
+                tg.create_task(one(name))
+        return transient
+
+    def _check_ready(self, names: Sequence[str]) -> None:
+        held = set(self.cache.names())
+        if all(n in held or n in self._failed_for_good for n in names):
+            if not self.ready.is_set():
+                log.info("ready: %d secrets loaded, %d failed", len(held),
+                         len(self._failed_for_good))
+            self.ready.set()
+            self.metrics.ready.set(1)
+
+    # --------------------------------------------------------------------- loops
+
+    async def run(self) -> None:
+        """Poll (and watch, where the store can push) until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._poll_loop())
+            if self.settings.watch and isinstance(self.store, WatchableStore):
+                tg.create_task(self._watch_loop(self.store))
+
+    def poke(self) -> None:
+        """Wake the poll loop now (config reload, tests)."""
+        self._wake.set()
+
+    def _interval(self) -> float:
+        base = self.settings.watch_interval if self.watching else self.settings.interval
+        j = self.settings.jitter
+        return base * random.uniform(1 - j, 1 + j)  # noqa: S311 - jitter
+
+    async def _poll_loop(self) -> None:
+        delay = 0.0 if not self.ready.is_set() else self._interval()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            delay = await self.resync(trigger="poll")
+
+    async def resync(self, *, trigger: str) -> float:
+        """Check every wanted and held secret once; return the delay until the next pass."""
+        try:
+            wanted = await self._wanted_names()
+        except BackendUnavailable as exc:
+            return self._note_outage(exc)
+        names = sorted(set(wanted) | set(self.cache.names()))
+        transient = await self._refresh_many(names, trigger=trigger)
+        self._check_ready(wanted)
+        if transient:
+            return self._backoff.next_delay()
+        self._recovered()
+        return self._interval()
+
+    def _note_outage(self, exc: BackendUnavailable) -> float:
+        now = self.clock()
+        if self.store_down_since is None:
+            self.store_down_since = now
+        delay = self._backoff.next_delay()
+        log.warning("store or key provider unavailable (%s); serving cached values, "
+                    "retry %d in %.1fs", exc.message, self._backoff.failures, delay)
+        return delay
+
+    def _recovered(self) -> None:
+        if self.store_down_since is not None:
+            log.info("store available again after %.1fs", self.clock() - self.store_down_since)
+        self.store_down_since = None
+        self._backoff.reset()
+
+    async def _watch_loop(self, store: WatchableStore) -> None:
+        backoff = Backoff(initial=self.settings.backoff_initial,
+                          maximum=self.settings.backoff_max, jitter=self.settings.jitter)
+        while True:
+            try:
+                async for event in store.watch():
+                    self.watching = True
+                    backoff.reset()
+                    self.metrics.watch_events.labels("event").inc()
+                    await self._on_event(event.names)
+            except BackendUnavailable as exc:
+                log.warning("store watch broke (%s); polling continues", exc.message)
+            self.watching = False
+            self.metrics.watch_events.labels("restart").inc()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _on_event(self, names: frozenset[str] | None) -> None:
+        if names is None:
+            await self.resync(trigger="watch")
+            return
+        held = set(self.cache.names())
+        targets = [n for n in names if n in held or matches(n, self.patterns)]
+        await self._refresh_many(targets, trigger="watch")

@@ -1,0 +1,126 @@
+"""The store protocols, shared by every backing store.
+
+A store keeps, per secret name, immutable versions (each an envelope, opaque
+bytes to the store) and one stage map (``{"CURRENT": "<id>", ...}``) carrying a
+``revision`` that changes whenever the map changes. The revision is the cheap
+version check: comparing it costs one small read, never a fetch and decrypt.
+
+Errors, and what they mean:
+
+* :class:`~agent.errors.BackendUnavailable` - transient (unreachable, timeout,
+  throttled, 5xx): retry with backoff; stale-if-error applies.
+* :class:`~agent.errors.SecretNotFound` / :class:`~agent.errors.VersionNotFound`
+  - the name or version does not exist.
+* :class:`~agent.errors.AccessDenied` - the store refused us: permanent.
+* :class:`~agent.errors.Conflict` - a write lost a race; nothing was changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class StageState:
+    """A secret's stage map and the revision that identifies it.
+
+    ``revision == ""`` means the secret has no stage map yet.
+    """
+
+    stages: Mapping[str, str]
+    revision: str
+
+    def version_for(self, stage: str) -> str | None:
+        return self.stages.get(stage)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One version as the store holds it: an envelope and its creation time."""
+
+    name: str
+    version_id: str
+    envelope: bytes = field(repr=False)
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """A push from the store: these names changed, or ``names is None``: resync all."""
+
+    names: frozenset[str] | None
+
+
+@runtime_checkable
+class SecretStore(Protocol):
+    """The read side, which is all a running agent needs."""
+
+    #: The logical store id from the config (bound into envelope contexts).
+    store_id: str
+
+    async def list_names(self) -> list[str]:
+        """Every secret name in the store, sorted."""
+        ...
+
+    async def read_stages(self, name: str) -> StageState:
+        """The stage map of ``name`` (cheap). Raises SecretNotFound."""
+        ...
+
+    async def read_version(self, name: str, version_id: str) -> StoredVersion:
+        """One version's envelope. Raises SecretNotFound or VersionNotFound."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections."""
+        ...
+
+
+@runtime_checkable
+class WritableStore(SecretStore, Protocol):
+    """The write side, used by the CLI, rotation and re-encryption."""
+
+    async def list_versions(self, name: str) -> list[tuple[str, datetime]]:
+        """Every version id of ``name`` with its creation time, oldest first."""
+        ...
+
+    async def write_version(self, name: str, version_id: str, envelope: bytes) -> None:
+        """Create a version. Raises Conflict if the id exists (versions are immutable)."""
+        ...
+
+    async def replace_envelope(
+        self, name: str, version_id: str, envelope: bytes, *, expected: bytes
+    ) -> None:
+        """Swap a version's envelope for one with other recipients (``reencrypt``).
+
+        Compare-and-swap against ``expected``; raises Conflict if it changed.
+        The payload, id and stages never change this way.
+        """
+        ...
+
+    async def set_stages(
+        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+    ) -> StageState:
+        """Replace the stage map atomically if its revision is still ``expected_revision``.
+
+        Raises:
+            Conflict: someone else changed the map first; nothing was written.
+            VersionNotFound: a stage points at a version that does not exist.
+        """
+        ...
+
+
+@runtime_checkable
+class WatchableStore(Protocol):
+    """A store that can push changes (file: watchfiles, etcd: watch)."""
+
+    def watch(self) -> AsyncIterator[WatchEvent]:
+        """Yield change events until cancelled.
+
+        The first event after (re)connecting is ``WatchEvent(None)`` so the
+        consumer resynchronises and misses nothing. Raises BackendUnavailable
+        when the watch breaks; the caller restarts it with backoff.
+        """
+        ...

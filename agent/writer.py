@@ -1,0 +1,115 @@
+"""The writer side: seal values into new versions and move stages."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.crypto.datakeys import DataKeys
+from agent.crypto.envelope import EnvelopeContext, dumps, seal
+from agent.errors import BadRequest, Conflict, SecretNotFound, VersionNotFound
+from agent.stores.base import StageState, WritableStore
+from agent.types import (
+    CURRENT,
+    PREVIOUS,
+    ValueType,
+    normalize_stage,
+    stages_of,
+    validate_name,
+    validate_version_id,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a put did: the new version and the resulting stage map."""
+
+    name: str
+    version_id: str
+    stages: tuple[str, ...]
+    created: bool
+
+
+def promoted(current: Mapping[str, str], stage: str, version_id: str) -> dict[str, str]:
+    """The stage map after moving ``stage`` to ``version_id``.
+
+    Moving CURRENT also moves PREVIOUS to the old CURRENT, as Secrets Manager
+    does. A label sits on at most one version, which a map guarantees.
+    """
+    new = dict(current)
+    old = new.get(stage)
+    new[stage] = version_id
+    if stage == CURRENT and old is not None and old != version_id:
+        new[PREVIOUS] = old
+    return new
+
+
+class SecretWriter:
+    """Creates versions and moves stages in one store."""
+
+    def __init__(self, store: WritableStore, datakeys: DataKeys) -> None:
+        self.store = store
+        self.datakeys = datakeys
+
+    async def seal(self, name: str, version_id: str, value: bytes, value_type: ValueType) -> bytes:
+        """Seal ``value`` as the envelope of ``name``/``version_id`` (no store write)."""
+        dek, wrapped = await self.datakeys.for_write(self.store.store_id)
+        context = EnvelopeContext(name, version_id, self.store.store_id)
+        env = seal(value, dek=dek, keys=wrapped, context=context, value_type=value_type)
+        return dumps(env)
+
+    async def put(self, name: str, value: bytes, *, value_type: ValueType = "string",
+                  stage: str = CURRENT, version_id: str | None = None,
+                  validate_json: bool = False) -> PutResult:
+        """Write a new version and move ``stage`` to it.
+
+        Raises:
+            BadRequest: invalid name, stage, or (with ``validate_json``) not JSON.
+            Conflict: the stage map moved concurrently; the version was written
+                but not staged (run ``promote`` to stage it).
+        """
+        validate_name(name)
+        stage = normalize_stage(stage)
+        if validate_json:
+            try:
+                json.loads(value)
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest(f"the value for {name!r} is not valid JSON") from None
+        version_id = validate_version_id(version_id or str(uuid.uuid4()))
+        envelope = await self.seal(name, version_id, value, value_type)
+        await self.store.write_version(name, version_id, envelope)
+        state = await self._state(name)
+        try:
+            new = await self.store.set_stages(
+                name, promoted(state.stages, stage, version_id),
+                expected_revision=state.revision)
+        except Conflict as exc:
+            raise Conflict(
+                f"version {version_id} of {name!r} was written but not staged: {exc.message}"
+            ) from None
+        return PutResult(name, version_id, stages_of(new.stages, version_id), True)
+
+    async def promote(self, name: str, stage: str, version_id: str) -> StageState:
+        """Move ``stage`` of ``name`` to an existing version (one compare-and-swap).
+
+        Raises:
+            VersionNotFound: no such version.
+            Conflict: someone else moved the stages first.
+        """
+        validate_name(name)
+        stage = normalize_stage(stage)
+        validate_version_id(version_id)
+        state = await self._state(name)
+        versions = {v for v, _ in await self.store.list_versions(name)}
+        if version_id not in versions:
+            raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
+        return await self.store.set_stages(
+            name, promoted(state.stages, stage, version_id), expected_revision=state.revision)
+
+    async def _state(self, name: str) -> StageState:
+        try:
+            return await self.store.read_stages(name)
+        except SecretNotFound:
+            return StageState({}, "")
