@@ -74,8 +74,14 @@ ChangeListener = Callable[[str], None]
 class SecretCache:
     """Decrypted secrets by name, with single-flight loads and stale-if-error."""
 
-    def __init__(self, resolver: Resolver, *, settings: RefreshConfig, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        settings: RefreshConfig,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.resolver = resolver
         self.settings = settings
         self.metrics = metrics
@@ -86,8 +92,9 @@ class SecretCache:
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, name: str, *, stage: str | None = None,
-                  version: str | None = None) -> Lookup:
+    async def get(
+        self, name: str, *, stage: str | None = None, version: str | None = None
+    ) -> Lookup:
         """The secret ``name`` at ``stage`` (default CURRENT) or ``version``.
 
         Raises:
@@ -141,15 +148,17 @@ class SecretCache:
         out = []
         for name in sorted(self._entries):
             e = self._entries[name]
-            out.append({
-                "name": name,
-                "version_id": e.state.stages.get(CURRENT),
-                "stages": dict(e.state.stages),
-                "age_seconds": round(now - e.confirmed_at, 3),
-                "last_refresh": e.last_refresh,
-                "stale": e.failing_since is not None,
-                "last_error": e.last_error,
-            })
+            out.append(
+                {
+                    "name": name,
+                    "version_id": e.state.stages.get(CURRENT),
+                    "stages": dict(e.state.stages),
+                    "age_seconds": round(now - e.confirmed_at, 3),
+                    "last_refresh": e.last_refresh,
+                    "stale": e.failing_since is not None,
+                    "last_error": e.last_error,
+                }
+            )
         return out
 
     def _check_stale(self, entry: _Entry) -> None:
@@ -161,7 +170,8 @@ class SecretCache:
             raise StaleTooLong(
                 f"secret {entry.name!r} could not be refreshed for {age:.0f}s, longer than "
                 f"max_stale ({self.settings.max_stale:.0f}s): {entry.last_error}",
-                retry_after=self.settings.backoff_initial)
+                retry_after=self.settings.backoff_initial,
+            )
 
     async def _by_stage(self, entry: _Entry, stage: str) -> Secret:
         vid = entry.state.stages.get(stage)
@@ -173,8 +183,10 @@ class SecretCache:
             # and keep it fresh from now on.
             secret = await self._single_flight(
                 ("version", entry.name, vid),
-                lambda: self.resolver.fetch(entry.name, vid,
-                                            stages=stages_of(entry.state.stages, vid)))
+                lambda: self.resolver.fetch(
+                    entry.name, vid, stages=stages_of(entry.state.stages, vid)
+                ),
+            )
             if entry.state.stages.get(stage) == vid:
                 entry.versions[vid] = secret
                 entry.wanted.add(stage)
@@ -186,8 +198,10 @@ class SecretCache:
             return secret
         secret = await self._single_flight(
             ("version", entry.name, version),
-            lambda: self.resolver.fetch(entry.name, version,
-                                        stages=stages_of(entry.state.stages, version)))
+            lambda: self.resolver.fetch(
+                entry.name, version, stages=stages_of(entry.state.stages, version)
+            ),
+        )
         entry.extra[version] = secret
         while len(entry.extra) > _EXTRA_VERSIONS:
             entry.extra.popitem(last=False)
@@ -225,7 +239,8 @@ class SecretCache:
         started = self.clock()
         try:
             changed: bool = await self._single_flight(
-                ("refresh", name), lambda: self._refresh(name))
+                ("refresh", name), lambda: self._refresh(name)
+            )
         except AgentError:
             self.metrics.refreshes.labels(trigger, "error").inc()
             raise
@@ -256,8 +271,9 @@ class SecretCache:
             return False
         self.metrics.version_checks.labels("changed").inc()
         try:
-            versions = await self._fetch_wanted(name, state, entry.wanted, entry.versions,
-                                                entry.refused)
+            versions = await self._fetch_wanted(
+                name, state, entry.wanted, entry.versions, entry.refused
+            )
         except BackendUnavailable as exc:
             self._failing(entry, exc)
             raise
@@ -268,14 +284,20 @@ class SecretCache:
         entry.state = state
         entry.versions = versions
         entry.extra = OrderedDict(
-            (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items())
+            (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items()
+        )
         self._confirmed(entry)
         self._notify(name)
         return True
 
-    async def _fetch_wanted(self, name: str, state: StageState, wanted: Iterable[str],
-                            held: dict[str, Secret],
-                            refused: dict[str, str] | None = None) -> dict[str, Secret]:
+    async def _fetch_wanted(
+        self,
+        name: str,
+        state: StageState,
+        wanted: Iterable[str],
+        held: dict[str, Secret],
+        refused: dict[str, str] | None = None,
+    ) -> dict[str, Secret]:
         versions: dict[str, Secret] = {}
         for stage in sorted(wanted):
             vid = state.stages.get(stage)
@@ -288,14 +310,16 @@ class SecretCache:
             versions[vid] = await self._fetch_once(name, vid, stages, refused)
         return versions
 
-    async def _fetch_once(self, name: str, vid: str, stages: tuple[str, ...],
-                          refused: dict[str, str] | None) -> Secret:
+    async def _fetch_once(
+        self, name: str, vid: str, stages: tuple[str, ...], refused: dict[str, str] | None
+    ) -> Secret:
         stored = await self.resolver.store.read_version(name, vid)
         digest = envelope_digest(stored.envelope)
         if refused is not None and refused.get(vid) == digest:
             raise DecryptionError(
                 f"envelope of secret {name!r} version {vid!r} was refused before "
-                "and has not changed")
+                "and has not changed"
+            )
         self.metrics.fetches.labels("ok").inc()
         try:
             return await self.resolver.open(name, vid, stored.envelope, stored.created_at, stages)
@@ -307,8 +331,11 @@ class SecretCache:
 
     def _confirmed(self, entry: _Entry) -> None:
         if entry.failing_since is not None:
-            log.info("secret %r refreshed again after %.1fs", entry.name,
-                     self.clock() - entry.failing_since)
+            log.info(
+                "secret %r refreshed again after %.1fs",
+                entry.name,
+                self.clock() - entry.failing_since,
+            )
         entry.failing_since = None
         entry.last_error = None
         entry.confirmed_at = self.clock()
@@ -325,8 +352,11 @@ class SecretCache:
         now = self.clock()
         if entry.missing_since is None:
             entry.missing_since = now
-            log.warning("secret %r is gone from the store; dropping it in %.0fs unless it "
-                        "returns", entry.name, self.settings.delete_grace)
+            log.warning(
+                "secret %r is gone from the store; dropping it in %.0fs unless it returns",
+                entry.name,
+                self.settings.delete_grace,
+            )
         if now - entry.missing_since < self.settings.delete_grace:
             return False
         self.remove(entry.name)
@@ -343,7 +373,8 @@ class SecretCache:
 
     def _update_stale_gauge(self) -> None:
         self.metrics.cache_stale_secrets.set(
-            sum(1 for e in self._entries.values() if e.failing_since is not None))
+            sum(1 for e in self._entries.values() if e.failing_since is not None)
+        )
 
     def _notify(self, name: str) -> None:
         for listener in list(self._listeners):
@@ -354,8 +385,7 @@ class SecretCache:
 
     # ----------------------------------------------------------- single-flight
 
-    async def _single_flight(self, key: tuple[str, ...],
-                             factory: Callable[[], Awaitable[T]]) -> T:
+    async def _single_flight(self, key: tuple[str, ...], factory: Callable[[], Awaitable[T]]) -> T:
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.ensure_future(factory())

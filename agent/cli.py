@@ -20,29 +20,38 @@ COMMAND_MODULES = [admin, secrets]
 
 
 def _add_config_flag(parser: argparse.ArgumentParser, *, default: object) -> None:
-    parser.add_argument("-c", "--config", default=default,
-                        help="config file (default: $SECRETS_AGENT_CONFIG, then the "
-                             "default location)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=default,
+        help="config file (default: $SECRETS_AGENT_CONFIG, then the default location)",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.extend(action.choices.values())
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secrets-agent",
         description="A secrets sidecar: envelope-encrypted secrets served on a Unix socket, "
-                    "rendered to tmpfs, refreshed on rotation.")
+        "rendered to tmpfs, refreshed on rotation.",
+    )
     parser.add_argument("--version", action="version", version=agent.__version__)
     _add_config_flag(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
     # Accept -c after the subcommand too, without overriding one given before it.
-    for action in parser._subparsers._actions if parser._subparsers else []:  # noqa: SLF001
-        for choice in getattr(action, "choices", None) or {}:
-            subparser = action.choices[choice]
-            _add_config_flag(subparser, default=argparse.SUPPRESS)
-            for nested in subparser._subparsers._actions if subparser._subparsers else []:  # noqa: SLF001
-                for nchoice in getattr(nested, "choices", None) or {}:
-                    _add_config_flag(nested.choices[nchoice], default=argparse.SUPPRESS)
+    for subparser in _subparsers(parser):
+        _add_config_flag(subparser, default=argparse.SUPPRESS)
+        for nested in _subparsers(subparser):
+            _add_config_flag(nested, default=argparse.SUPPRESS)
     return parser
 
 

@@ -44,7 +44,10 @@ class UnavailableError(ClientError):
 
 
 _BY_STATUS: dict[int, type[ClientError]] = {
-    403: AccessDeniedError, 404: NotFoundError, 503: UnavailableError}
+    403: AccessDeniedError,
+    404: NotFoundError,
+    503: UnavailableError,
+}
 
 
 def resolve_socket(path: str | os.PathLike[str] | None = None) -> Path:
@@ -55,8 +58,9 @@ def resolve_socket(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else default_socket_path()
 
 
-def _secret_path(name: str, *, key: str | None, stage: str | None, version: str | None,
-                 raw: bool = False) -> str:
+def _secret_path(
+    name: str, *, key: str | None, stage: str | None, version: str | None, raw: bool = False
+) -> str:
     query = {k: v for k, v in (("key", key), ("stage", stage), ("version", version)) if v}
     if raw:
         query["format"] = "raw"
@@ -94,8 +98,9 @@ class _UnixConnection(http.client.HTTPConnection):
 class SecretsClient:
     """Synchronous client on the standard library."""
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 5.0
+    ) -> None:
         self.socket_path = resolve_socket(socket_path)
         self.timeout = timeout
 
@@ -108,7 +113,8 @@ class SecretsClient:
             return resp.status, dict(resp.getheaders()), resp.read()
         except OSError as exc:
             raise UnavailableError(
-                f"cannot reach the agent at {self.socket_path}: {exc.strerror or exc}") from None
+                f"cannot reach the agent at {self.socket_path}: {exc.strerror or exc}"
+            ) from None
         finally:
             conn.close()
 
@@ -117,18 +123,25 @@ class SecretsClient:
         _raise_for(status, body)
         return json.loads(body)
 
-    def get(self, name: str, key: str | None = None, stage: str | None = None,
-            version: str | None = None) -> str:
+    def get(
+        self,
+        name: str,
+        key: str | None = None,
+        stage: str | None = None,
+        version: str | None = None,
+    ) -> str:
         """The secret's value as text (or one ``key`` of a JSON secret, as text)."""
         status, _, body = self.request(
-            _secret_path(name, key=key, stage=stage, version=version, raw=True))
+            _secret_path(name, key=key, stage=stage, version=version, raw=True)
+        )
         _raise_for(status, body)
         return body.decode("utf-8")
 
     def get_bytes(self, name: str, stage: str | None = None, version: str | None = None) -> bytes:
         """The secret's value as bytes (text or binary secrets)."""
         status, _, body = self.request(
-            _secret_path(name, key=None, stage=stage, version=version, raw=True))
+            _secret_path(name, key=None, stage=stage, version=version, raw=True)
+        )
         _raise_for(status, body)
         return body
 
@@ -139,21 +152,24 @@ class SecretsClient:
     def describe(self, name: str, stage: str | None = None) -> dict[str, Any]:
         """The full JSON document of a secret (value, version id, stages)."""
         doc: dict[str, Any] = self.get_json_document(
-            _secret_path(name, key=None, stage=stage, version=None))
+            _secret_path(name, key=None, stage=stage, version=None)
+        )
         return doc
 
 
 class AsyncSecretsClient:
     """Asyncio client on aiohttp. Use ``async with`` or call :meth:`aclose`."""
 
-    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
-                 timeout: float = 5.0) -> None:
+    def __init__(
+        self, socket_path: str | os.PathLike[str] | None = None, *, timeout: float = 5.0
+    ) -> None:
         import aiohttp
 
         self.socket_path = resolve_socket(socket_path)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(self.socket_path)),
-            timeout=aiohttp.ClientTimeout(total=timeout))
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
 
     async def __aenter__(self) -> AsyncSecretsClient:
         return self
@@ -175,14 +191,19 @@ class AsyncSecretsClient:
         except aiohttp.ClientConnectionError as exc:
             raise UnavailableError(f"cannot reach the agent at {self.socket_path}: {exc}") from None
 
-    async def get(self, name: str, key: str | None = None, stage: str | None = None,
-                  version: str | None = None) -> str:
+    async def get(
+        self,
+        name: str,
+        key: str | None = None,
+        stage: str | None = None,
+        version: str | None = None,
+    ) -> str:
         """The secret's value as text (or one ``key`` of a JSON secret)."""
-        body = await self._get(_secret_path(name, key=key, stage=stage, version=version,
-                                            raw=True))
+        body = await self._get(_secret_path(name, key=key, stage=stage, version=version, raw=True))
         return body.decode("utf-8")
 
-    async def get_json(self, name: str, stage: str | None = None,
-                       version: str | None = None) -> Any:
+    async def get_json(
+        self, name: str, stage: str | None = None, version: str | None = None
+    ) -> Any:
         """The secret's value parsed as JSON."""
         return json.loads(await self.get(name, stage=stage, version=version))

@@ -39,21 +39,26 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: object) -> float:
-    """``"500ms"``, ``"30s"``, ``"5m"``, ``"24h"``, ``"30d"`` (or a number of seconds) to seconds."""
+    """Seconds from ``"500ms"``, ``"30s"``, ``"5m"``, ``"24h"``, ``"30d"`` or a number."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)  # a bare number is seconds
     if isinstance(value, str):
         m = _DURATION_RE.match(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f'expected a duration like "500ms", "30s", "5m", "24h" or "30d", got {value!r}')
+    raise ValueError(
+        f'expected a duration like "500ms", "30s", "5m", "24h" or "30d", got {value!r}'
+    )
 
 
 def _parse_mode(value: object) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
         return int(value, 8)
-    hint = " (quote it in YAML: an unquoted 0400 is read as a number)" if isinstance(
-        value, int) else ""
+    hint = (
+        " (quote it in YAML: an unquoted 0400 is read as a number)"
+        if isinstance(value, int)
+        else ""
+    )
     raise ValueError(f'expected an octal string like "0400", got {value!r}{hint}')
 
 
@@ -66,12 +71,14 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 def _check_secret_ref(value: str) -> str:
-    if not isinstance(value, str) or not (
-        value.startswith("env:") and len(value) > 4 or value.startswith("file:") and len(value) > 5
+    if not (
+        (value.startswith("env:") and len(value) > 4)
+        or (value.startswith("file:") and len(value) > 5)
     ):
         # Never echo the value: a literal here is likely a secret pasted in.
         raise ValueError(
-            "expected a reference like env:VAR or file:///path/to/file, not a literal value")
+            "expected a reference like env:VAR or file:///path/to/file, not a literal value"
+        )
     return value
 
 
@@ -140,7 +147,7 @@ class TcpListenConfig(_Model):
     @field_validator("address")
     @classmethod
     def _loopback_only(cls, v: str) -> str:
-        host, port = split_host_port(v)
+        host, _port = split_host_port(v)
         if host != "localhost":
             try:
                 if not ipaddress.ip_address(host).is_loopback:
@@ -166,7 +173,7 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 class ListenConfig(_Model):
     socket: ConfigPath = Field(default_factory=default_socket_path)
-    socket_mode: Mode = Field(default="0660")
+    socket_mode: Mode = Field(default=0o660, validate_default=False)
     socket_group: str | int | None = None
     max_connections: PositiveInt = 800
     tcp: TcpListenConfig | None = None
@@ -342,7 +349,7 @@ class TemplateConfig(_Model):
     format: Literal["raw", "json", "dotenv", "yaml", "files", "template"] = "raw"
     template: str | None = None
     template_file: ConfigPath | None = None
-    mode: Mode = Field(default="0400")
+    mode: Mode = Field(default=0o400, validate_default=False)
     owner: str | int | None = None
     group: str | int | None = None
     allow_disk: bool = False
@@ -388,13 +395,16 @@ class LogConfig(_Model):
     format: Literal["text", "json"] = "text"
 
 
+def _default_keys() -> dict[str, KeyProviderConfig]:
+    return {"local": LocalKeysConfig(type="local")}
+
+
 class AgentConfig(_Model):
     """The whole configuration tree."""
 
     listen: ListenConfig = Field(default_factory=ListenConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    keys: dict[str, KeyProviderConfig] = Field(
-        default_factory=lambda: {"local": LocalKeysConfig(type="local")})
+    keys: dict[str, KeyProviderConfig] = Field(default_factory=_default_keys)
     write_keys: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
     datakeys: DataKeysConfig = Field(default_factory=DataKeysConfig)
     store: StoreConfig = Field(default_factory=lambda: FileStoreConfig(type="file"))
@@ -438,7 +448,8 @@ class AgentConfig(_Model):
         for i, rule in enumerate(v):
             if rule.token is not None and rule.token not in tokens:
                 raise ValueError(
-                    f"rule {i} names token {rule.token!r}, not defined in listen.tcp.tokens")
+                    f"rule {i} names token {rule.token!r}, not defined in listen.tcp.tokens"
+                )
         return v
 
 
@@ -483,8 +494,9 @@ def _describe(err: Mapping[str, Any]) -> str:
     return f"{path}: {msg}"
 
 
-def parse_config(data: object, *, base_dir: Path | None = None,
-                 source: Path | None = None) -> AgentConfig:
+def parse_config(
+    data: object, *, base_dir: Path | None = None, source: Path | None = None
+) -> AgentConfig:
     """Validate a config mapping.
 
     Raises:

@@ -28,10 +28,13 @@ class Core:
     def build(cls, config: AgentConfig, *, metrics: Metrics | None = None) -> Core:
         """Create every part (no network or disk I/O happens until first use)."""
         metrics = metrics or Metrics()
-        providers = {name: create_provider(name, cfg, config=config, metrics=metrics)
-                     for name, cfg in config.keys.items()}
-        datakeys = DataKeys(providers, write_keys=config.write_keys, settings=config.datakeys,
-                            metrics=metrics)
+        providers = {
+            name: create_provider(name, cfg, config=config, metrics=metrics)
+            for name, cfg in config.keys.items()
+        }
+        datakeys = DataKeys(
+            providers, write_keys=config.write_keys, settings=config.datakeys, metrics=metrics
+        )
         store = create_store(config, metrics=metrics)
         resolver = Resolver(store, datakeys, metrics=metrics)
         return cls(config, metrics, providers, datakeys, store, resolver)

@@ -35,11 +35,20 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.core = Core.build(config, metrics=self.metrics)
         self.cache = SecretCache(self.core.resolver, settings=config.refresh, metrics=self.metrics)
-        self.refresher = Refresher(self.cache, self.core.store, settings=config.refresh,
-                                   patterns=config.secrets, metrics=self.metrics)
-        self.state = ServerState(self.cache, AccessPolicy(config.access), self.metrics,
-                                 ready=self.refresher.ready,
-                                 max_connections=config.listen.max_connections)
+        self.refresher = Refresher(
+            self.cache,
+            self.core.store,
+            settings=config.refresh,
+            patterns=config.secrets,
+            metrics=self.metrics,
+        )
+        self.state = ServerState(
+            self.cache,
+            AccessPolicy(config.access),
+            self.metrics,
+            ready=self.refresher.ready,
+            max_connections=config.listen.max_connections,
+        )
         self.shutdown = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self._interrupts = 0
@@ -55,9 +64,11 @@ class Daemon:
         try:
             await self._start_listeners()
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._startup_load()),
-                         tg.create_task(self.refresher.run()),
-                         *(tg.create_task(t()) for t in self.background)]
+                tasks = [
+                    tg.create_task(self._startup_load()),
+                    tg.create_task(self.refresher.run()),
+                    *(tg.create_task(t()) for t in self.background),
+                ]
                 await self.shutdown.wait()
                 log.info("shutting down")
                 for task in tasks:
@@ -81,8 +92,9 @@ class Daemon:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         self._runners.append(runner)
-        await bind_unix_site(runner, listen.socket, mode=listen.socket_mode,
-                             group=listen.socket_group)
+        await bind_unix_site(
+            runner, listen.socket, mode=listen.socket_mode, group=listen.socket_group
+        )
         log.info("serving on unix socket %s", listen.socket)
         if self.config.metrics.listen is not None:
             host, port = split_host_port(self.config.metrics.listen)
@@ -157,9 +169,16 @@ class Daemon:
         self.cache.settings = new.refresh
         for hook in self.reload_hooks:
             hook(new)
-        self.config = new.model_copy(update={
-            "store": old.store, "keys": old.keys, "write_keys": old.write_keys,
-            "listen": old.listen, "metrics": old.metrics, "datakeys": old.datakeys})
+        self.config = new.model_copy(
+            update={
+                "store": old.store,
+                "keys": old.keys,
+                "write_keys": old.write_keys,
+                "listen": old.listen,
+                "metrics": old.metrics,
+                "datakeys": old.datakeys,
+            }
+        )
         self.metrics.config_reloads.labels("applied").inc()
         log.info("config reloaded from %s", new.source)
         self.refresher.poke()

@@ -40,3 +40,4 @@ def setup_logging(cfg: LogConfig) -> None:
     root.setLevel(cfg.level.upper())
     # aiohttp's access log would repeat every request; our metrics and audit cover it.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

@@ -28,110 +28,168 @@ class Metrics:
         self.cache_requests = Counter(
             "secrets_agent_cache_requests_total",
             "Reads answered by the secret cache, by result (hit, miss, stale, error).",
-            ["result"], registry=r)
+            ["result"],
+            registry=r,
+        )
         self.cache_secrets = Gauge(
-            "secrets_agent_cache_secrets", "Secrets held in the cache.", registry=r)
+            "secrets_agent_cache_secrets", "Secrets held in the cache.", registry=r
+        )
         self.cache_stale_secrets = Gauge(
             "secrets_agent_cache_stale_secrets",
             "Secrets currently served from stale data because the store is failing.",
-            registry=r)
+            registry=r,
+        )
         self.secrets_removed = Counter(
             "secrets_agent_secrets_removed_total",
             "Secrets dropped from the cache after they were deleted from the store.",
-            registry=r)
+            registry=r,
+        )
 
         # Resolver: full fetch + decrypt of one version (resolver.py)
         self.fetches = Counter(
             "secrets_agent_secret_fetches_total",
             "Full fetches of a secret version from the store, by outcome.",
-            ["outcome"], registry=r)
+            ["outcome"],
+            registry=r,
+        )
         self.decrypts = Counter(
             "secrets_agent_decrypts_total",
-            "Envelope decryptions, by outcome (ok, refused).", ["outcome"], registry=r)
+            "Envelope decryptions, by outcome (ok, refused).",
+            ["outcome"],
+            registry=r,
+        )
         self.envelopes_refused = Counter(
             "secrets_agent_envelopes_refused_total",
             "Envelopes refused (malformed, misplaced, tampered, undecryptable), by reason.",
-            ["reason"], registry=r)
+            ["reason"],
+            registry=r,
+        )
 
         # Data keys (crypto/datakeys.py)
         self.datakey_cache = Counter(
             "secrets_agent_datakey_cache_events_total",
             "Data-key cache events: hit, miss, evicted, expired, exhausted, dropped.",
-            ["event"], registry=r)
+            ["event"],
+            registry=r,
+        )
         self.datakey_cache_size = Gauge(
-            "secrets_agent_datakey_cache_entries", "Unwrapped data keys held in memory.",
-            registry=r)
+            "secrets_agent_datakey_cache_entries", "Unwrapped data keys held in memory.", registry=r
+        )
         self.datakeys_generated = Counter(
             "secrets_agent_datakeys_generated_total",
-            "New data keys generated for writing.", registry=r)
+            "New data keys generated for writing.",
+            registry=r,
+        )
 
         # Key providers (keys/*)
         self.key_operations = Counter(
             "secrets_agent_key_operations_total",
             "Calls to key providers (wrap, unwrap), by provider and outcome.",
-            ["provider", "operation", "outcome"], registry=r)
+            ["provider", "operation", "outcome"],
+            registry=r,
+        )
         self.key_operation_seconds = Histogram(
-            "secrets_agent_key_operation_seconds", "Latency of key-provider calls.",
-            ["provider", "operation"], buckets=_LATENCY_BUCKETS, registry=r)
+            "secrets_agent_key_operation_seconds",
+            "Latency of key-provider calls.",
+            ["provider", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.key_unwrap_answered = Counter(
             "secrets_agent_key_unwrap_provider_total",
             "Which provider answered an unwrap when an envelope has several recipients.",
-            ["provider"], registry=r)
+            ["provider"],
+            registry=r,
+        )
 
         # Store (stores/*, refresh.py)
         self.store_operations = Counter(
             "secrets_agent_store_operations_total",
             "Store calls, by operation and outcome (ok, not_found, unavailable, error).",
-            ["operation", "outcome"], registry=r)
+            ["operation", "outcome"],
+            registry=r,
+        )
         self.version_checks = Counter(
             "secrets_agent_version_checks_total",
             "Cheap version checks, by outcome (unchanged, changed, error).",
-            ["outcome"], registry=r)
+            ["outcome"],
+            registry=r,
+        )
         self.refreshes = Counter(
             "secrets_agent_refreshes_total",
             "Refresh attempts, by trigger (startup, poll, watch, request) and outcome.",
-            ["trigger", "outcome"], registry=r)
+            ["trigger", "outcome"],
+            registry=r,
+        )
         self.refresh_seconds = Histogram(
-            "secrets_agent_refresh_seconds", "Duration of one refresh attempt.",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            "secrets_agent_refresh_seconds",
+            "Duration of one refresh attempt.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.watch_events = Counter(
             "secrets_agent_watch_events_total",
             "Change notifications pushed by the store (event) and watch restarts (restart).",
-            ["kind"], registry=r)
+            ["kind"],
+            registry=r,
+        )
 
         # HTTP (server/*)
         self.http_requests = Counter(
-            "secrets_agent_http_requests_total", "HTTP requests, by listener, route and status.",
-            ["listener", "route", "status"], registry=r)
+            "secrets_agent_http_requests_total",
+            "HTTP requests, by listener, route and status.",
+            ["listener", "route", "status"],
+            registry=r,
+        )
         self.http_request_seconds = Histogram(
-            "secrets_agent_http_request_seconds", "HTTP request latency.",
-            ["listener", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+            "secrets_agent_http_request_seconds",
+            "HTTP request latency.",
+            ["listener", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.access_decisions = Counter(
             "secrets_agent_access_decisions_total",
             "Access decisions on reads, by listener and decision (allow, deny).",
-            ["listener", "decision"], registry=r)
+            ["listener", "decision"],
+            registry=r,
+        )
 
         # Rendering (render/*)
         self.renders = Counter(
             "secrets_agent_renders_total",
-            "Template renders, by outcome (written, unchanged, error).", ["outcome"], registry=r)
+            "Template renders, by outcome (written, unchanged, error).",
+            ["outcome"],
+            registry=r,
+        )
         self.notifications = Counter(
             "secrets_agent_notifications_total",
             "App notifications after a render, by kind (signal, command) and outcome.",
-            ["kind", "outcome"], registry=r)
+            ["kind", "outcome"],
+            registry=r,
+        )
 
         # Rotation (rotation/*)
         self.rotations = Counter(
             "secrets_agent_rotation_steps_total",
-            "Rotation steps (create, set, test, finish), by outcome.", ["step", "outcome"],
-            registry=r)
+            "Rotation steps (create, set, test, finish), by outcome.",
+            ["step", "outcome"],
+            registry=r,
+        )
 
         # Audit and lifecycle
         self.audit_events = Counter(
-            "secrets_agent_audit_events_total", "Audit records written, by event.", ["event"],
-            registry=r)
+            "secrets_agent_audit_events_total",
+            "Audit records written, by event.",
+            ["event"],
+            registry=r,
+        )
         self.config_reloads = Counter(
-            "secrets_agent_config_reloads_total", "Config reloads, by outcome.", ["outcome"],
-            registry=r)
+            "secrets_agent_config_reloads_total",
+            "Config reloads, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.ready = Gauge(
-            "secrets_agent_ready", "1 once every configured secret has loaded.", registry=r)
+            "secrets_agent_ready", "1 once every configured secret has loaded.", registry=r
+        )

@@ -9,6 +9,7 @@ once per backoff step (and logged once per step), not once per secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import random
@@ -33,8 +34,9 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 class Backoff:
     """Exponential backoff with jitter: ``initial * 2**n``, capped, times 1 +/- jitter."""
 
-    def __init__(self, *, initial: float, maximum: float, jitter: float,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, *, initial: float, maximum: float, jitter: float, rng: random.Random | None = None
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
         self.jitter = jitter
@@ -43,9 +45,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Record a failure and return the delay before the next attempt."""
-        base = min(self.maximum, self.initial * 2 ** self.failures)
+        base = min(self.maximum, self.initial * 2**self.failures)
         self.failures += 1
-        return base * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
+        return float(base * self._rng.uniform(1 - self.jitter, 1 + self.jitter))
 
     def reset(self) -> None:
         self.failures = 0
@@ -54,9 +56,16 @@ class Backoff:
 class Refresher:
     """Loads the configured secrets, then keeps every cached secret fresh."""
 
-    def __init__(self, cache: SecretCache, store: SecretStore, *, settings: RefreshConfig,
-                 patterns: Sequence[str], metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cache: SecretCache,
+        store: SecretStore,
+        *,
+        settings: RefreshConfig,
+        patterns: Sequence[str],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cache = cache
         self.store = store
         self.settings = settings
@@ -66,8 +75,9 @@ class Refresher:
         self.ready = asyncio.Event()
         self.watching = False
         self.store_down_since: float | None = None
-        self._backoff = Backoff(initial=settings.backoff_initial, maximum=settings.backoff_max,
-                                jitter=settings.jitter)
+        self._backoff = Backoff(
+            initial=settings.backoff_initial, maximum=settings.backoff_max, jitter=settings.jitter
+        )
         self._wake = asyncio.Event()
         self._failed_for_good: dict[str, str] = {}
 
@@ -117,8 +127,9 @@ class Refresher:
         held = set(self.cache.names())
         if all(n in held or n in self._failed_for_good for n in names):
             if not self.ready.is_set():
-                log.info("ready: %d secrets loaded, %d failed", len(held),
-                         len(self._failed_for_good))
+                log.info(
+                    "ready: %d secrets loaded, %d failed", len(held), len(self._failed_for_good)
+                )
             self.ready.set()
             self.metrics.ready.set(1)
 
@@ -143,10 +154,8 @@ class Refresher:
     async def _poll_loop(self) -> None:
         delay = 0.0 if not self.ready.is_set() else self._interval()
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
-            except TimeoutError:
-                pass
             self._wake.clear()
             delay = await self.resync(trigger="poll")
 
@@ -169,8 +178,12 @@ class Refresher:
         if self.store_down_since is None:
             self.store_down_since = now
         delay = self._backoff.next_delay()
-        log.warning("store or key provider unavailable (%s); serving cached values, "
-                    "retry %d in %.1fs", exc.message, self._backoff.failures, delay)
+        log.warning(
+            "store or key provider unavailable (%s); serving cached values, retry %d in %.1fs",
+            exc.message,
+            self._backoff.failures,
+            delay,
+        )
         return delay
 
     def _recovered(self) -> None:
@@ -180,8 +193,11 @@ class Refresher:
         self._backoff.reset()
 
     async def _watch_loop(self, store: WatchableStore) -> None:
-        backoff = Backoff(initial=self.settings.backoff_initial,
-                          maximum=self.settings.backoff_max, jitter=self.settings.jitter)
+        backoff = Backoff(
+            initial=self.settings.backoff_initial,
+            maximum=self.settings.backoff_max,
+            jitter=self.settings.jitter,
+        )
         while True:
             try:
                 async for event in store.watch():

@@ -67,8 +67,14 @@ class Resolver:
         self.metrics.fetches.labels("ok").inc()
         return await self.open(name, version_id, stored.envelope, stored.created_at, stages)
 
-    async def open(self, name: str, version_id: str, envelope: bytes, created_at: object,
-                   stages: tuple[str, ...] = ()) -> Secret:
+    async def open(
+        self,
+        name: str,
+        version_id: str,
+        envelope: bytes,
+        created_at: object,
+        stages: tuple[str, ...] = (),
+    ) -> Secret:
         """Decrypt an envelope already read from the store (see :meth:`fetch`)."""
         from datetime import datetime
 
@@ -79,7 +85,8 @@ class Resolver:
             if env.context != expected:
                 raise DecryptionError(
                     f"envelope refused: it was written for {env.context.describe()} "
-                    f"but found at {expected.describe()}")
+                    f"but found at {expected.describe()}"
+                )
             dek = await self.datakeys.unwrap(env.keys, store_id=self.store.store_id)
             plaintext = open_envelope(env, dek=dek, expected=expected)
         except DecryptionError as exc:
@@ -87,8 +94,14 @@ class Resolver:
             self.metrics.envelopes_refused.labels(refusal_reason(exc)).inc()
             raise
         self.metrics.decrypts.labels("ok").inc()
-        return Secret(name=name, version_id=version_id, created_at=created_at,
-                      value=SecretValue(plaintext), value_type=env.value_type, stages=stages)
+        return Secret(
+            name=name,
+            version_id=version_id,
+            created_at=created_at,
+            value=SecretValue(plaintext),
+            value_type=env.value_type,
+            stages=stages,
+        )
 
 
 def envelope_digest(envelope: bytes) -> str:

@@ -26,16 +26,20 @@ def prepare_socket_path(path: Path) -> None:
             is listening on it.
     """
     if len(os.fsencode(path)) > _MAX_SUN_PATH:
-        raise ConfigError(f"socket path is longer than {_MAX_SUN_PATH} bytes: {path}",
-                          path="listen.socket")
+        raise ConfigError(
+            f"socket path is longer than {_MAX_SUN_PATH} bytes: {path}", path="listen.socket"
+        )
     parent = path.parent
     if not parent.exists():
         parent.mkdir(mode=0o711, parents=True)
-        os.chmod(parent, 0o711)  # mkdir's mode is filtered by the umask
+        os.chmod(parent, 0o711)  # noqa: S103 - traversable, not listable; umask filters mkdir
     st = parent.stat()
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise ConfigError(f"socket directory {parent} is writable by everyone; "
-                          "another user could replace the socket", path="listen.socket")
+        raise ConfigError(
+            f"socket directory {parent} is writable by everyone; "
+            "another user could replace the socket",
+            path="listen.socket",
+        )
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -53,8 +57,9 @@ def prepare_socket_path(path: Path) -> None:
         probe.close()
 
 
-async def bind_unix_site(runner: web.AppRunner, path: Path, *, mode: int,
-                         group: str | int | None) -> None:
+async def bind_unix_site(
+    runner: web.AppRunner, path: Path, *, mode: int, group: str | int | None
+) -> None:
     """Listen on ``path`` with ``mode`` (and ``group``), never wider in between."""
     prepare_socket_path(path)
     gid = -1

@@ -34,10 +34,8 @@ def validate_name(name: str) -> str:
         InvalidName: 1-512 chars of ``A-Za-z0-9/_+=.@-``, no ``..`` segment,
             no leading ``/`` (and no empty segment, so the name maps to one path).
     """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidName(
-            "invalid secret name: expected 1-512 characters of A-Za-z0-9/_+=.@-"
-        )
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidName("invalid secret name: expected 1-512 characters of A-Za-z0-9/_+=.@-")
     segments = name.split("/")
     if name.startswith("/"):
         raise InvalidName("invalid secret name: must not start with '/'")
@@ -56,7 +54,7 @@ def normalize_stage(stage: str) -> str:
 
 def validate_version_id(version_id: str) -> str:
     """Return ``version_id`` if it is usable as a version id (a UUID or client token)."""
-    if not isinstance(version_id, str) or not _STAGE_RE.fullmatch(version_id):
+    if not _STAGE_RE.fullmatch(version_id):
         raise BadRequest("invalid version id: expected 1-256 characters of A-Za-z0-9_.-")
     return version_id
 

@@ -60,9 +60,16 @@ class SecretWriter:
         env = seal(value, dek=dek, keys=wrapped, context=context, value_type=value_type)
         return dumps(env)
 
-    async def put(self, name: str, value: bytes, *, value_type: ValueType = "string",
-                  stage: str = CURRENT, version_id: str | None = None,
-                  validate_json: bool = False) -> PutResult:
+    async def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        value_type: ValueType = "string",
+        stage: str = CURRENT,
+        version_id: str | None = None,
+        validate_json: bool = False,
+    ) -> PutResult:
         """Write a new version and move ``stage`` to it.
 
         Raises:
@@ -83,8 +90,8 @@ class SecretWriter:
         state = await self._state(name)
         try:
             new = await self.store.set_stages(
-                name, promoted(state.stages, stage, version_id),
-                expected_revision=state.revision)
+                name, promoted(state.stages, stage, version_id), expected_revision=state.revision
+            )
         except Conflict as exc:
             raise Conflict(
                 f"version {version_id} of {name!r} was written but not staged: {exc.message}"
@@ -106,7 +113,8 @@ class SecretWriter:
         if version_id not in versions:
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
         return await self.store.set_stages(
-            name, promoted(state.stages, stage, version_id), expected_revision=state.revision)
+            name, promoted(state.stages, stage, version_id), expected_revision=state.revision
+        )
 
     async def _state(self, name: str) -> StageState:
         try:

@@ -74,15 +74,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         LocalKeyring.create(keyring)
         print(f"wrote {keyring} (mode 0600)")
     (directory / "store").mkdir(mode=0o700, exist_ok=True)
-    print(f"next: echo -n value | secrets-agent -c {cfg} put NAME; "
-          f"secrets-agent -c {cfg} run")
+    print(f"next: echo -n value | secrets-agent -c {cfg} put NAME; secrets-agent -c {cfg} run")
     return EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
-    print(f"{config_path(args)}: ok ({len(config.templates)} templates, "
-          f"store {config.store.type}, key providers {', '.join(config.keys)})")
+    print(
+        f"{config_path(args)}: ok ({len(config.templates)} templates, "
+        f"store {config.store.type}, key providers {', '.join(config.keys)})"
+    )
     return EXIT_OK
 
 
@@ -143,7 +144,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def _managers(core: Core, provider: str | None) -> dict[str, KeyManager]:
     names = [provider] if provider else list(core.providers)
-    out = {}
+    out: dict[str, KeyManager] = {}
     for name in names:
         if name not in core.providers:
             raise ConfigError(f"no key provider {name!r} under 'keys'")
@@ -171,8 +172,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     infos = run_async(with_core(config, go))
     if getattr(args, "json", False):
-        print(json.dumps([info.__dict__ if hasattr(info, "__dict__") else _info(info)
-                          for info in infos], indent=2))
+        print(
+            json.dumps(
+                [info.__dict__ if hasattr(info, "__dict__") else _info(info) for info in infos],
+                indent=2,
+            )
+        )
     else:
         for i in infos:
             primary = " primary" if i.primary else ""
@@ -195,8 +200,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("run", help="run the agent")
     p.set_defaults(func=cmd_run)
 
-    for name, func, text in (("status", cmd_status, "show a running agent's status"),
-                             ("health", cmd_health, "exit 0 if a running agent is healthy")):
+    for name, func, text in (
+        ("status", cmd_status, "show a running agent's status"),
+        ("health", cmd_health, "exit 0 if a running agent is healthy"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--socket", help="the agent's socket (default: from the config)")
         if name == "status":
@@ -207,9 +214,11 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("keys", help="list, create or rotate master keys")
     ksub = p.add_subparsers(dest="keys_command", required=True)
-    for name, text in (("list", "list master keys and their state"),
-                       ("create", "create the master key"),
-                       ("rotate", "make a new master-key version primary")):
+    for name, text in (
+        ("list", "list master keys and their state"),
+        ("create", "create the master key"),
+        ("rotate", "make a new master-key version primary"),
+    ):
         kp = ksub.add_parser(name, help=text)
         kp.add_argument("--provider", help="only this provider (a name under 'keys')")
         kp.add_argument("--json", action="store_true")

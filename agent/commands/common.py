@@ -30,8 +30,9 @@ def load(args: argparse.Namespace) -> AgentConfig:
     """Load and validate the config the arguments point at (raises ConfigError)."""
     path = config_path(args)
     if not path.exists():
-        raise ConfigError(f"no config at {path}; create one with `secrets-agent init` "
-                          "or pass -c/--config")
+        raise ConfigError(
+            f"no config at {path}; create one with `secrets-agent init` or pass -c/--config"
+        )
     return load_config(path)
 
 

@@ -14,15 +14,17 @@ import yaml
 from agent.commands.common import EXIT_OK, Progress, err, load, run_async, with_core
 from agent.core import Core
 from agent.errors import BadRequest, SecretNotFound
-from agent.types import CURRENT, normalize_stage, stages_of, validate_name
+from agent.types import CURRENT, ValueType, normalize_stage, stages_of, validate_name
 
 _IMPORT_CONCURRENCY = 16
 
 
 def _read_value(args: argparse.Namespace) -> bytes:
     if args.value is not None:
-        err("warning: --value shows the secret in the process list and shell history; "
-            "prefer stdin or --file")
+        err(
+            "warning: --value shows the secret in the process list and shell history; "
+            "prefer stdin or --file"
+        )
         return str(args.value).encode()
     if args.file is not None:
         return Path(args.file).read_bytes()
@@ -37,7 +39,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     config = load(args)
     validate_name(args.name)
     value = _read_value(args)
-    value_type = "binary" if args.binary else "string"
+    value_type: ValueType = "binary" if args.binary else "string"
     if value_type == "string":
         try:
             value.decode("utf-8")
@@ -45,8 +47,9 @@ def cmd_put(args: argparse.Namespace) -> int:
             raise BadRequest("the value is not UTF-8 text; use --binary") from None
 
     async def go(core: Core) -> Any:
-        return await core.writer().put(args.name, value, value_type=value_type,
-                                       stage=args.stage, validate_json=args.json)
+        return await core.writer().put(
+            args.name, value, value_type=value_type, stage=args.stage, validate_json=args.json
+        )
 
     result = run_async(with_core(config, go))
     print(f"{result.name}: version {result.version_id} {' '.join(result.stages)}")
@@ -57,7 +60,8 @@ def parse_import_file(path: Path, fmt: str | None) -> dict[str, bytes]:
     """Secrets from a JSON/YAML mapping or a dotenv file, as name -> bytes."""
     text = path.read_text(encoding="utf-8")
     fmt = fmt or {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".env": "dotenv"}.get(
-        path.suffix.lower(), "dotenv" if path.name.startswith(".env") else "yaml")
+        path.suffix.lower(), "dotenv" if path.name.startswith(".env") else "yaml"
+    )
     doc: Any
     if fmt == "dotenv":
         doc = {}
@@ -164,10 +168,19 @@ def cmd_describe(args: argparse.Namespace) -> int:
     async def go(core: Core) -> dict[str, Any]:
         state = await core.store.read_stages(args.name)
         versions = await core.store.list_versions(args.name)
-        return {"name": args.name, "store": core.store.store_id,
-                "stages": dict(state.stages),
-                "versions": [{"version_id": v, "created_at": t.isoformat(),
-                              "stages": list(stages_of(state.stages, v))} for v, t in versions]}
+        return {
+            "name": args.name,
+            "store": core.store.store_id,
+            "stages": dict(state.stages),
+            "versions": [
+                {
+                    "version_id": v,
+                    "created_at": t.isoformat(),
+                    "stages": list(stages_of(state.stages, v)),
+                }
+                for v, t in versions
+            ],
+        }
 
     doc = run_async(with_core(config, go))
     if args.json:

@@ -37,8 +37,18 @@ MESSAGE_ID_SIZE: Final = 32
 TAG_SIZE: Final = 16
 
 _FIELDS: Final = frozenset(
-    {"format", "v", "alg", "context", "keys", "message_id", "commitment", "nonce",
-     "ciphertext", "value_type"}
+    {
+        "format",
+        "v",
+        "alg",
+        "context",
+        "keys",
+        "message_id",
+        "commitment",
+        "nonce",
+        "ciphertext",
+        "value_type",
+    }
 )
 _CONTEXT_FIELDS: Final = frozenset({"secret", "version", "store"})
 _KEY_FIELDS: Final = frozenset({"provider", "key", "wrapped"})
@@ -69,7 +79,8 @@ class WrappedKey:
     wrapped: bytes = b""
 
     def __repr__(self) -> str:
-        return f"WrappedKey(provider={self.provider!r}, key={self.key!r}, wrapped=<{len(self.wrapped)} bytes>)"
+        size = len(self.wrapped)
+        return f"WrappedKey(provider={self.provider!r}, key={self.key!r}, wrapped=<{size} bytes>)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +97,15 @@ class Envelope:
 
     def with_keys(self, keys: Sequence[WrappedKey]) -> Envelope:
         """A copy with another recipient list (the payload is untouched)."""
-        return Envelope(self.context, tuple(keys), self.message_id, self.commitment,
-                        self.nonce, self.ciphertext, self.value_type)
+        return Envelope(
+            self.context,
+            tuple(keys),
+            self.message_id,
+            self.commitment,
+            self.nonce,
+            self.ciphertext,
+            self.value_type,
+        )
 
 
 def wrap_context(store_id: str) -> dict[str, str]:
@@ -109,11 +127,17 @@ def _derive(dek: bytes, message_id: bytes, info: bytes) -> bytes:
 
 
 def _aad(context: EnvelopeContext, value_type: str, message_id: bytes, commitment: bytes) -> bytes:
-    return canonical_json({
-        "format": FORMAT, "v": VERSION, "alg": ALG, "context": context.as_dict(),
-        "value_type": value_type, "message_id": _b64(message_id),
-        "commitment": _b64(commitment),
-    })
+    return canonical_json(
+        {
+            "format": FORMAT,
+            "v": VERSION,
+            "alg": ALG,
+            "context": context.as_dict(),
+            "value_type": value_type,
+            "message_id": _b64(message_id),
+            "commitment": _b64(commitment),
+        }
+    )
 
 
 def seal(
@@ -144,8 +168,9 @@ def seal(
     return Envelope(context, tuple(keys), message_id, commitment, nonce, ciphertext, value_type)
 
 
-def open_envelope(envelope: Envelope, *, dek: bytes | bytearray,
-                  expected: EnvelopeContext | None = None) -> bytes:
+def open_envelope(
+    envelope: Envelope, *, dek: bytes | bytearray, expected: EnvelopeContext | None = None
+) -> bytes:
     """Check commitment and context, then decrypt.
 
     Raises:
@@ -176,10 +201,14 @@ def open_envelope(envelope: Envelope, *, dek: bytes | bytearray,
 def dumps(envelope: Envelope) -> bytes:
     """Serialise an envelope (stable field order, one JSON object, trailing newline)."""
     doc = {
-        "format": FORMAT, "v": VERSION, "alg": ALG,
+        "format": FORMAT,
+        "v": VERSION,
+        "alg": ALG,
         "context": envelope.context.as_dict(),
-        "keys": [{"provider": k.provider, "key": k.key, "wrapped": _b64(k.wrapped)}
-                 for k in envelope.keys],
+        "keys": [
+            {"provider": k.provider, "key": k.key, "wrapped": _b64(k.wrapped)}
+            for k in envelope.keys
+        ],
         "message_id": _b64(envelope.message_id),
         "commitment": _b64(envelope.commitment),
         "nonce": _b64(envelope.nonce),
@@ -267,8 +296,7 @@ def parse(data: bytes, *, where: str = "") -> Envelope:
     keys = []
     for item in keys_doc:
         k = _check_fields(item, _KEY_FIELDS, "a recipient", where)
-        if not (type(k["provider"]) is str and type(k["key"]) is str
-                and type(k["wrapped"]) is str):
+        if not (type(k["provider"]) is str and type(k["key"]) is str and type(k["wrapped"]) is str):
             raise DecryptionError(f"malformed envelope{where}: recipient fields must be strings")
         keys.append(WrappedKey(k["provider"], k["key"], _unb64(k["wrapped"], "wrapped", where)))
     value_type = _field(doc, "value_type", str, where)
@@ -280,8 +308,9 @@ def parse(data: bytes, *, where: str = "") -> Envelope:
     return Envelope(
         context=context,
         keys=tuple(keys),
-        message_id=_unb64(_field(doc, "message_id", str, where), "message_id", where,
-                          MESSAGE_ID_SIZE),
+        message_id=_unb64(
+            _field(doc, "message_id", str, where), "message_id", where, MESSAGE_ID_SIZE
+        ),
         commitment=_unb64(_field(doc, "commitment", str, where), "commitment", where, 32),
         nonce=_unb64(_field(doc, "nonce", str, where), "nonce", where, NONCE_SIZE),
         ciphertext=ciphertext,

@@ -46,7 +46,8 @@ class AccessPolicy:
     def _rules_for(self, caller: Caller, name: str) -> Iterable[tuple[int, AccessRule]]:
         for i, rule in enumerate(self.rules):
             if self._matches_caller(rule, caller) and any(
-                    fnmatchcase(name, pat) for pat in rule.secrets):
+                fnmatchcase(name, pat) for pat in rule.secrets
+            ):
                 yield i, rule
 
     def check(self, caller: Caller, name: str, stages: Iterable[str] | None = None) -> Decision:
@@ -66,7 +67,9 @@ class AccessPolicy:
             if wanted & {normalize_stage(s) for s in rule.stages}:
                 return Decision(True, f"access[{i}]")
         if matched:
-            return Decision(False, f"stages {sorted(wanted or ())} not allowed by any matching rule")
+            return Decision(
+                False, f"stages {sorted(wanted or ())} not allowed by any matching rule"
+            )
         return Decision(False, "no rule matches this caller and secret")
 
     def may_list(self, caller: Caller, name: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.cache import Lookup, SecretCache
-from agent.errors import AccessDenied, BadRequest, TooManyRequests
+from agent.errors import AccessDenied, AgentError, BadRequest, TooManyRequests
 from agent.metrics import Metrics
 from agent.server.access import AccessPolicy
 from agent.server.errors import Handler, error_middleware
@@ -137,8 +138,9 @@ def _headers(lookup: Lookup) -> dict[str, str]:
     return headers
 
 
-async def read_secret(request: web.Request, name: str, *, stage: str | None,
-                      version: str | None, refresh: bool) -> Lookup:
+async def read_secret(
+    request: web.Request, name: str, *, stage: str | None, version: str | None, refresh: bool
+) -> Lookup:
     """Access check, then the cache: shared by the native and AWS-style routes.
 
     The name-level check happens before any lookup, so a denied read and a
@@ -154,10 +156,9 @@ async def read_secret(request: web.Request, name: str, *, stage: str | None,
         state.metrics.access_decisions.labels(caller.listener, "deny").inc()
         raise AccessDenied(f"access to secret {name!r} is denied")
     if refresh:
-        try:
+        # A failed check is not an error here: the read below reports the secret's state.
+        with contextlib.suppress(AgentError):
             await state.cache.refresh(name, trigger="request", force=True)
-        except Exception:  # noqa: S110 - the read below reports the state of the secret
-            pass
     lookup = await state.cache.get(name, stage=stage, version=version)
     stages = [stage or CURRENT] if version is None else list(lookup.secret.stages)
     if not state.policy.check(caller, name, stages).allowed:
@@ -173,8 +174,13 @@ async def get_secret(request: web.Request) -> web.StreamResponse:
     fmt = q.get("format", "json")
     if fmt not in ("json", "raw"):
         raise BadRequest("query parameter 'format' must be json or raw")
-    lookup = await read_secret(request, request.match_info["name"], stage=q.get("stage"),
-                               version=q.get("version"), refresh=_bool(q.get("refresh"), "refresh"))
+    lookup = await read_secret(
+        request,
+        request.match_info["name"],
+        stage=q.get("stage"),
+        version=q.get("version"),
+        refresh=_bool(q.get("refresh"), "refresh"),
+    )
     secret = lookup.secret
     key = q.get("key")
     if key is not None:
@@ -190,8 +196,9 @@ async def get_secret(request: web.Request) -> web.StreamResponse:
         return web.json_response(doc, headers=_headers(lookup))
     if fmt == "raw":
         ctype = "application/octet-stream" if secret.value_type == "binary" else "text/plain"
-        return web.Response(body=secret.value.reveal(), content_type=ctype,
-                            headers=_headers(lookup))
+        return web.Response(
+            body=secret.value.reveal(), content_type=ctype, headers=_headers(lookup)
+        )
     return web.json_response(secret_document(secret), headers=_headers(lookup))
 
 
@@ -205,9 +212,13 @@ async def list_secrets(request: web.Request) -> web.StreamResponse:
         if not state.policy.may_list(caller, name):
             continue
         stage_map = state.cache.stage_map(name)
-        items.append({"name": name,
-                      "version_id": stage_map.stages.get(CURRENT) if stage_map else None,
-                      "stages": dict(stage_map.stages) if stage_map else {}})
+        items.append(
+            {
+                "name": name,
+                "version_id": stage_map.stages.get(CURRENT) if stage_map else None,
+                "stages": dict(stage_map.stages) if stage_map else {},
+            }
+        )
     return web.json_response({"secrets": items}, headers={"Cache-Control": "no-store"})
 
 
@@ -217,8 +228,9 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 async def readyz(request: web.Request) -> web.StreamResponse:
     ready = request.app[STATE].ready.is_set()
-    return web.json_response({"status": "ready" if ready else "starting"},
-                             status=200 if ready else 503)
+    return web.json_response(
+        {"status": "ready" if ready else "starting"}, status=200 if ready else 503
+    )
 
 
 async def status(request: web.Request) -> web.StreamResponse:
@@ -240,13 +252,14 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-
-
-def build_app(state: ServerState, *, listener: str = "unix",
-              identity: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-              | None = None) -> web.Application:
+def build_app(
+    state: ServerState,
+    *,
+    listener: str = "unix",
+    identity: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]] | None = None,
+) -> web.Application:
     """The application for one listener (``unix`` or ``tcp``)."""
-    middlewares = [
+    middlewares: list[Any] = [
         metrics_middleware,
         error_middleware,
         limit_middleware,

@@ -13,17 +13,28 @@ from agent.errors import AgentError, BackendUnavailable
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_HTTP_CODES = {400: "bad_request", 403: "access_denied", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 414: "uri_too_long",
-               429: "too_many_requests"}
+_HTTP_CODES = {
+    400: "bad_request",
+    403: "access_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    414: "uri_too_long",
+    429: "too_many_requests",
+}
 
 
-def error_response(status: int, code: str, message: str, *,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
     """``{"error": {"code", "message"}}`` with ``status``."""
     body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, text=body, content_type="application/json",
-                        headers={"Cache-Control": "no-store", **(headers or {})})
+    return web.Response(
+        status=status,
+        text=body,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store", **(headers or {})},
+    )
 
 
 def agent_error_response(exc: AgentError) -> web.Response:

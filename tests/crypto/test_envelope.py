@@ -61,23 +61,34 @@ def test_vector_matches_an_independent_computation(vector: dict[str, Any]) -> No
     assert base64.b64encode(commitment).decode() == doc["commitment"]
     key = hkdf_sha512(dek, message_id, b"DERIVEKEY")
     aad = json.dumps(
-        {k: doc[k] for k in ("format", "v", "alg", "context", "value_type", "message_id",
-                             "commitment")},
-        sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    plaintext = AESGCM(key).decrypt(base64.b64decode(doc["nonce"]),
-                                   base64.b64decode(doc["ciphertext"]), aad)
+        {
+            k: doc[k]
+            for k in ("format", "v", "alg", "context", "value_type", "message_id", "commitment")
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    plaintext = AESGCM(key).decrypt(
+        base64.b64decode(doc["nonce"]), base64.b64decode(doc["ciphertext"]), aad
+    )
     assert plaintext == bytes.fromhex(vector["plaintext"])
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["description"] for v in VECTORS])
 def test_sealing_with_fixed_randomness_reproduces_the_vector(vector: dict[str, Any]) -> None:
     doc = vector["envelope"]
-    env = seal(bytes.fromhex(vector["plaintext"]), dek=bytes.fromhex(vector["dek"]),
-               keys=[WrappedKey(k["provider"], k["key"], base64.b64decode(k["wrapped"]))
-                     for k in doc["keys"]],
-               context=EnvelopeContext(**doc["context"]), value_type=doc["value_type"],
-               message_id=base64.b64decode(doc["message_id"]),
-               nonce=base64.b64decode(doc["nonce"]))
+    env = seal(
+        bytes.fromhex(vector["plaintext"]),
+        dek=bytes.fromhex(vector["dek"]),
+        keys=[
+            WrappedKey(k["provider"], k["key"], base64.b64decode(k["wrapped"])) for k in doc["keys"]
+        ],
+        context=EnvelopeContext(**doc["context"]),
+        value_type=doc["value_type"],
+        message_id=base64.b64decode(doc["message_id"]),
+        nonce=base64.b64decode(doc["nonce"]),
+    )
     assert json.loads(dumps(env)) == doc
 
 
@@ -118,9 +129,11 @@ def test_envelope_moved_to_another_secret_or_version_is_refused() -> None:
     vector = VECTORS[0]
     env = parse(_raw(vector))
     dek = bytes.fromhex(vector["dek"])
-    for other in (EnvelopeContext("prod/other", "v1", "default"),
-                  EnvelopeContext("prod/db", "v2", "default"),
-                  EnvelopeContext("prod/db", "v1", "other-store")):
+    for other in (
+        EnvelopeContext("prod/other", "v1", "default"),
+        EnvelopeContext("prod/db", "v2", "default"),
+        EnvelopeContext("prod/db", "v1", "other-store"),
+    ):
         with pytest.raises(DecryptionError, match="written for secret 'prod/db'") as info:
             open_envelope(env, dek=dek, expected=other)
         assert "hunter2" not in str(info.value)
@@ -138,8 +151,11 @@ def _open_raw(raw: bytes, vector: dict[str, Any]) -> bytes:
     original = parse(_raw(vector))
     if env.keys != original.keys:
         raise DecryptionError("recipient changed: the key provider would refuse the wrap")
-    return open_envelope(env, dek=bytes.fromhex(vector["dek"]),
-                         expected=EnvelopeContext(**vector["envelope"]["context"]))
+    return open_envelope(
+        env,
+        dek=bytes.fromhex(vector["dek"]),
+        expected=EnvelopeContext(**vector["envelope"]["context"]),
+    )
 
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -153,15 +169,30 @@ def test_any_single_flipped_bit_is_refused(vector: dict[str, Any], data: st.Data
         _open_raw(bytes(flipped), vector)
 
 
-_FIELDS = ["format", "v", "alg", "context.secret", "context.version", "context.store",
-           "message_id", "commitment", "nonce", "ciphertext", "value_type"]
+_FIELDS = [
+    "format",
+    "v",
+    "alg",
+    "context.secret",
+    "context.version",
+    "context.store",
+    "message_id",
+    "commitment",
+    "nonce",
+    "ciphertext",
+    "value_type",
+]
 
 
 @settings(max_examples=300, deadline=None)
-@given(vector=st.sampled_from(VECTORS), field=st.sampled_from(_FIELDS),
-       replacement=st.one_of(st.text(max_size=20), st.integers(), st.binary(max_size=40)))
-def test_any_changed_field_is_refused(vector: dict[str, Any], field: str,
-                                      replacement: object) -> None:
+@given(
+    vector=st.sampled_from(VECTORS),
+    field=st.sampled_from(_FIELDS),
+    replacement=st.one_of(st.text(max_size=20), st.integers(), st.binary(max_size=40)),
+)
+def test_any_changed_field_is_refused(
+    vector: dict[str, Any], field: str, replacement: object
+) -> None:
     doc = json.loads(json.dumps(vector["envelope"]))
     target, key = (doc["context"], field.split(".")[1]) if "." in field else (doc, field)
     if isinstance(replacement, bytes):
@@ -176,5 +207,4 @@ def test_any_changed_field_is_refused(vector: dict[str, Any], field: str,
 def test_an_untouched_envelope_still_opens_after_a_round_trip() -> None:
     """Control for the property tests: they refuse changes, not everything."""
     for vector in VECTORS:
-        assert _open_raw(dumps(parse(_raw(vector))), vector) == bytes.fromhex(
-            vector["plaintext"])
+        assert _open_raw(dumps(parse(_raw(vector))), vector) == bytes.fromhex(vector["plaintext"])

@@ -1,0 +1,283 @@
+"""Crash-safe file writes and inter-process locks, shared by the file store and rendering.
+
+A reader must only ever see the old bytes or the new bytes of a file, with the
+final owner and mode: never a half-written file, and never a moment where the
+content is visible under a looser mode. So every write goes to a temporary file
+in the same directory (same filesystem, so the rename is atomic), created with
+``O_EXCL`` and the final mode, chowned/chmodded *before* any content is written,
+fsynced, then renamed into place; the directory is fsynced so the rename
+survives a crash. On any error the temporary file is removed and the old file
+is left untouched.
+
+Temporary files are named ``.<target>.<random>.tmp`` so watchers and directory
+walkers can recognise and skip them (:func:`is_temp_name`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import secrets
+import stat
+from pathlib import Path
+from types import TracebackType
+
+__all__ = [
+    "TEMP_SUFFIX",
+    "FileLock",
+    "atomic_write",
+    "create_exclusive",
+    "fsync_dir",
+    "is_temp_name",
+    "make_dirs",
+    "read_nofollow",
+]
+
+#: Suffix of the temporary files this module creates (they also start with ``.``).
+TEMP_SUFFIX = ".tmp"
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def is_temp_name(filename: str) -> bool:
+    """Whether ``filename`` (one path component) looks like one of our temporary files."""
+    return filename.startswith(".") and filename.endswith(TEMP_SUFFIX)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename or link inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_nofollow(path: Path) -> tuple[bytes, os.stat_result]:
+    """The bytes and stat of the regular file ``path``, refusing a symlink there.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError: ELOOP if ``path`` is a symlink, EINVAL if it is not a regular
+            file; any other read error.
+    """
+    # O_NONBLOCK: a FIFO planted at ``path`` must not hang the reader.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def make_dirs(directory: Path, *, mode: int) -> None:
+    """Create ``directory`` and its missing parents with exactly ``mode`` (whatever the umask).
+
+    Existing directories are left as they are; one created concurrently by
+    another writer is fine.
+    """
+    if directory.is_dir():
+        return
+    make_dirs(directory.parent, mode=mode)
+    try:
+        directory.mkdir(mode)
+    except FileExistsError:
+        return
+    directory.chmod(mode)
+
+
+def atomic_write(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int,
+    uid: int | None = None,
+    gid: int | None = None,
+    times_ns: tuple[int, int] | None = None,
+) -> None:
+    """Replace ``path`` with ``data`` atomically, with ``mode`` and owner set first.
+
+    Args:
+        path: the destination; its directory must exist. A symlink at ``path``
+            is replaced by the file, never followed.
+        mode: the final permission bits (applied with fchmod, so the umask
+            does not narrow or widen them).
+        uid, gid: the final owner, if not the caller's (needs privilege).
+        times_ns: ``(atime_ns, mtime_ns)`` to give the new file, e.g. to keep a
+            timestamp that carries meaning across a rewrite.
+
+    Raises:
+        OSError: nothing was changed; the temporary file is gone.
+    """
+    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns)
+    try:
+        tmp.replace(path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def create_exclusive(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int,
+    uid: int | None = None,
+    gid: int | None = None,
+    times_ns: tuple[int, int] | None = None,
+) -> None:
+    """Create ``path`` with ``data`` atomically, failing if it already exists.
+
+    Like :func:`atomic_write`, but the temporary file is hard-linked into place
+    instead of renamed: ``link(2)`` fails with EEXIST rather than replacing,
+    so of two writers creating the same path exactly one wins, and readers
+    never see a partial file. (``rename`` would silently replace, and
+    ``O_EXCL`` on the final path would expose the file while it is written.)
+    The filesystem must support hard links (every local POSIX filesystem,
+    tmpfs and NFS do).
+
+    Raises:
+        FileExistsError: ``path`` exists; nothing was changed.
+        OSError: nothing was changed; the temporary file is gone.
+    """
+    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns)
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    finally:
+        _unlink_quietly(tmp)
+    fsync_dir(path.parent)
+
+
+def _write_temp(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int,
+    uid: int | None,
+    gid: int | None,
+    times_ns: tuple[int, int] | None,
+) -> Path:
+    """Write ``data`` to a new private temporary file next to ``path``; return its path."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    # Created with the final mode (narrowed by umask at worst) and no content yet.
+    fd = os.open(tmp, _TEMP_FLAGS, mode & 0o777)
+    try:
+        try:
+            # fchmod before fchown: once the file belongs to someone else, only
+            # CAP_FOWNER could still change its mode, and a hardened agent may
+            # hold CAP_CHOWN alone. (The umask may have narrowed the mode.)
+            os.fchmod(fd, mode)
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+                if mode & 0o6000:  # chown cleared set-id bits; needs CAP_FOWNER anyway
+                    os.fchmod(fd, mode)
+            _write_all(fd, data)
+            if times_ns is not None:
+                os.utime(fd, ns=times_ns)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+class FileLock:
+    """An exclusive ``flock(2)`` on a lock file, between processes and threads.
+
+    Each instance opens the lock file itself, so two instances exclude each
+    other even within one process (flock locks belong to the open file
+    description). Not reentrant. Use ``with`` from threads, ``async with``
+    from the event loop (the blocking acquisition runs in a worker thread).
+
+    The lock file is created with ``mode`` if missing and is never removed:
+    unlinking it while another process waits on it would let two holders in.
+    """
+
+    def __init__(self, path: Path, *, mode: int = 0o600) -> None:
+        self.path = path
+        self.mode = mode
+        self._fd: int | None = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this instance holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, *, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking=False`` return False instead of waiting."""
+        if self._fd is not None:
+            raise RuntimeError(f"lock {self.path} is already held by this FileLock")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, self.mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> FileLock:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self.acquire)
+        try:
+            # Shielded: a cancelled waiter must not leave a worker thread that
+            # later takes the lock with nobody left to release it.
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_if_acquired)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def _release_if_acquired(self, future: asyncio.Future[bool]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.release()

@@ -1,0 +1,638 @@
+"""The directory store (the default): envelopes and stage maps as files under one root.
+
+Layout (an external contract, see DESIGN.md)::
+
+    <root>/secrets/<name>/versions/<version id>.json   one envelope (opaque bytes)
+    <root>/secrets/<name>/stages.json                  {"CURRENT": "<id>", "PREVIOUS": "<id>"}
+    <root>/secrets/<name>/.lock                        flock for stage moves and re-encryption
+
+A name's ``/`` segments are nested directories. A segment called ``versions``,
+``stages.json`` or ``.lock``, or one shaped like a temporary file
+(``.*.tmp``), would collide with the layout, so such names are refused with
+:class:`~agent.errors.InvalidName`. Files are 0600 and directories 0700: the
+store holds only ciphertext, but still nobody else's business.
+
+Outages. The root directory is the store: if it is missing (unmounted, moved
+away), unreadable (EACCES/EPERM) or not a directory tree any more, every call
+raises :class:`~agent.errors.BackendUnavailable`, which is transient, so the
+agent keeps serving cached values and retries. A missing ``secrets/`` under an
+existing root is simply an empty store; writes create ``secrets/`` and below,
+but never the root, so a store that went away is not silently recreated
+(``secrets-agent init`` creates it).
+
+Symlinks are never followed below ``<root>/secrets``: a name whose path goes
+through a symlink is refused with :class:`~agent.errors.AccessDenied`, and
+files are opened with ``O_NOFOLLOW``. (Whoever can plant a symlink in the
+0700 store directory already controls the store; the check keeps a mistake
+or a hostile copy from making the agent read files outside it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
+
+from watchfiles import Change, awatch
+
+from agent.errors import (
+    AccessDenied,
+    AgentError,
+    BackendUnavailable,
+    BadRequest,
+    Conflict,
+    InvalidName,
+    NotFound,
+    SecretNotFound,
+    VersionNotFound,
+)
+from agent.fsutil import (
+    FileLock,
+    atomic_write,
+    create_exclusive,
+    is_temp_name,
+    make_dirs,
+    read_nofollow,
+)
+from agent.stores.base import StageState, StoredVersion, WatchEvent
+from agent.types import normalize_stage, validate_name, validate_version_id
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig, FileStoreConfig
+    from agent.metrics import Metrics
+
+__all__ = ["RESERVED_SEGMENTS", "FileStore"]
+
+#: Name segments that would collide with the on-disk layout.
+RESERVED_SEGMENTS = frozenset({"versions", "stages.json", ".lock"})
+
+_FILE_MODE = 0o600
+_DIR_MODE = 0o700
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def check_name(name: str) -> str:
+    """Validate ``name`` as a secret name this store can lay out on disk."""
+    validate_name(name)
+    for segment in name.split("/"):
+        if segment in RESERVED_SEGMENTS or is_temp_name(segment):
+            raise InvalidName(
+                f"invalid secret name: the segment {segment!r} is reserved by the file store "
+                "layout (versions, stages.json, .lock and .*.tmp)"
+            )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class _Paths:
+    """Where one secret lives on disk."""
+
+    versions: Path
+    stages: Path
+    lock: Path
+    exists: bool  # whether versions/ exists, i.e. the secret does
+
+    def version(self, version_id: str) -> Path:
+        return self.versions / f"{version_id}.json"
+
+
+class FileStore:
+    """Secrets as files in a directory tree; writable, and watchable with watchfiles.
+
+    Every call runs its file I/O in a worker thread (``asyncio.to_thread``),
+    reads included. Measured with 1,000 secrets (tmpfs and ext4, 2 vCPUs):
+    ``read_stages`` costs ~35 us inline and ~170 us through a thread, so a
+    full resync takes ~0.2 s instead of ~35 ms. That is cheap for something
+    done at start-up and every few minutes, while an inline read on a stalled
+    filesystem (NFS, FUSE, a failing disk) would freeze the event loop, and
+    with it the cached answers stale-if-error exists to keep serving.
+
+    Args:
+        root: the store directory (``<root>/secrets/...``).
+        store_id: the logical store id, bound into envelope contexts.
+        metrics: if given, every call is counted in ``store_operations``.
+        watch_debounce_ms, watch_step_ms: watchfiles batching: a batch is
+            yielded once a step passes with no new change, or after debounce.
+            Measured set_stages -> event (tmpfs, 2 vCPUs): step 5 ms gives
+            p50 11 ms / max 12 ms at 0.9% of a core while idle (the watcher
+            thread wakes every step); step 10 ms gives 21 / 42 ms at 0.4%.
+            watchfiles' defaults (1600 / 50) would cost 100 ms or more.
+        watch_check_interval_ms: how often an idle watch checks that
+            ``secrets/`` is still the directory it watches (moved, replaced).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        store_id: str = "default",
+        metrics: Metrics | None = None,
+        watch_debounce_ms: int = 50,
+        watch_step_ms: int = 5,
+        watch_check_interval_ms: int = 1000,
+    ) -> None:
+        self.root = Path(root).absolute()
+        self.store_id = store_id
+        self.metrics = metrics
+        self.watch_debounce_ms = watch_debounce_ms
+        self.watch_step_ms = watch_step_ms
+        self.watch_check_interval_ms = watch_check_interval_ms
+        self._secrets = self.root / "secrets"
+
+    @classmethod
+    def from_config(
+        cls, cfg: FileStoreConfig, *, config: AgentConfig, metrics: Metrics
+    ) -> FileStore:
+        """Build the store from its config section (no I/O happens here)."""
+        return cls(cfg.path, store_id=cfg.id, metrics=metrics)
+
+    def __repr__(self) -> str:
+        return f"FileStore(root={str(self.root)!r}, store_id={self.store_id!r})"
+
+    async def aclose(self) -> None:
+        """Nothing to close: files are opened and closed per call."""
+
+    # ------------------------------------------------------------------ read side
+
+    async def list_names(self) -> list[str]:
+        """Every secret name (a directory with a ``versions/`` subdirectory), sorted."""
+        return await self._run("list_names", self._list_names)
+
+    async def read_stages(self, name: str) -> StageState:
+        """The stage map of ``name`` and its revision (a hash of ``stages.json``)."""
+        check_name(name)
+        return await self._run("read_stages", self._read_stages, name)
+
+    async def read_version(self, name: str, version_id: str) -> StoredVersion:
+        """One version's envelope; ``created_at`` is the file's mtime, in UTC."""
+        check_name(name)
+        validate_version_id(version_id)
+        return await self._run("read_version", self._read_version, name, version_id)
+
+    async def list_versions(self, name: str) -> list[tuple[str, datetime]]:
+        """Every version id of ``name`` with its creation time, oldest first."""
+        check_name(name)
+        return await self._run("list_versions", self._list_versions, name)
+
+    # ----------------------------------------------------------------- write side
+
+    async def write_version(self, name: str, version_id: str, envelope: bytes) -> None:
+        """Create a version; Conflict if the id exists (of two racing writers one wins)."""
+        check_name(name)
+        validate_version_id(version_id)
+        await self._run("write_version", self._write_version, name, version_id, envelope)
+
+    async def replace_envelope(
+        self, name: str, version_id: str, envelope: bytes, *, expected: bytes
+    ) -> None:
+        """Compare-and-swap one version's envelope, keeping its ``created_at``."""
+        check_name(name)
+        validate_version_id(version_id)
+        await self._run(
+            "replace_envelope", self._replace_envelope, name, version_id, envelope, expected
+        )
+
+    async def set_stages(
+        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+    ) -> StageState:
+        """Replace ``stages.json`` under the secret's lock if the revision still matches."""
+        check_name(name)
+        stages = _check_stage_map(stages)
+        return await self._run("set_stages", self._set_stages, name, stages, expected_revision)
+
+    def watch(self) -> AsyncIterator[WatchEvent]:
+        """Yield ``WatchEvent(None)``, then the names whose files change, until cancelled.
+
+        Raises:
+            BackendUnavailable: the store directory is missing or was replaced,
+                or the watcher failed; restart the watch with backoff.
+        """
+        return _watch(self)
+
+    # ------------------------------------------------------------------ internals
+
+    async def _run(
+        self, operation: str, func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run ``func`` in a worker thread and count the outcome."""
+        try:
+            try:
+                result = await asyncio.to_thread(func, *args, **kwargs)
+            except OSError as exc:  # a safety net: the helpers translate what they expect
+                raise self._os_error(exc, operation, self.root) from None
+        except AgentError as exc:
+            self._count(operation, _outcome(exc))
+            raise
+        self._count(operation, "ok")
+        return result
+
+    def _count(self, operation: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.store_operations.labels(operation, outcome).inc()
+
+    def _paths(self, name: str) -> _Paths:
+        """The paths of ``name``, after checking that no directory on the way is a symlink.
+
+        One lstat per existing directory below ``secrets/`` (cheaper than two
+        realpath calls, which lstat every component from ``/``).
+        """
+        secret_dir = self._secrets.joinpath(*name.split("/"))
+        paths = _Paths(
+            secret_dir / "versions", secret_dir / "stages.json", secret_dir / ".lock", exists=True
+        )
+        directory = self._secrets
+        for segment in (*name.split("/"), "versions"):
+            directory = directory / segment
+            try:
+                mode = directory.lstat().st_mode
+            except FileNotFoundError:
+                return replace(paths, exists=False)
+            except OSError as exc:
+                raise self._os_error(exc, f"secret {name!r}", directory) from None
+            if stat.S_ISLNK(mode):
+                raise AccessDenied(
+                    f"secret {name!r}: {directory} is a symlink; the file "
+                    "store does not follow symlinks"
+                )
+            if not stat.S_ISDIR(mode):
+                raise BackendUnavailable(f"secret {name!r}: {directory} is not a directory")
+        return paths
+
+    def _existing(self, name: str) -> _Paths:
+        """The paths of ``name``, which must exist as a secret (``versions/`` present)."""
+        paths = self._paths(name)
+        if not paths.exists:
+            self._check_root(f"secret {name!r}")
+            raise SecretNotFound(f"secret {name!r} does not exist")
+        return paths
+
+    def _check_root(self, what: str) -> None:
+        """BackendUnavailable unless the root exists: a missing root is an outage, not "empty"."""
+        try:
+            is_dir = stat.S_ISDIR(self.root.stat().st_mode)
+        except OSError as exc:
+            raise self._os_error(exc, what, self.root) from None
+        if not is_dir:
+            raise BackendUnavailable(f"{what}: the store root {self.root} is not a directory")
+
+    def _os_error(self, exc: OSError, what: str, path: Path) -> AgentError:
+        """Translate an OSError from the store's own files into a domain error."""
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        if exc.errno == errno.ENOENT and path == self.root:
+            return BackendUnavailable(
+                f"{what}: the store directory {self.root} does not exist "
+                "(not mounted, moved away, or not initialised yet)"
+            )
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return BackendUnavailable(f"{what}: permission denied on {path} ({code})")
+        if exc.errno == errno.ELOOP:
+            return AccessDenied(f"{what}: {path} is a symlink; the file store does not follow it")
+        return BackendUnavailable(f"{what}: {code} on {path}")
+
+    def _list_names(self) -> list[str]:
+        names: list[str] = []
+        try:
+            self._walk(self._secrets, "", names, top=True)
+        except FileNotFoundError:
+            self._check_root("listing secrets")
+            return []  # the root exists but nothing was written yet
+        except OSError as exc:
+            raise self._os_error(exc, "listing secrets", self._secrets) from None
+        return sorted(names)
+
+    def _walk(self, directory: Path, prefix: str, names: list[str], *, top: bool = False) -> None:
+        """Append the secret names under ``directory`` (whose name prefix is ``prefix``)."""
+        try:
+            with os.scandir(directory) as entries:
+                subdirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            if top:
+                raise
+            return  # removed while we walked: it holds no secret any more
+        for entry in subdirs:
+            if entry.name == "versions":
+                if prefix and _is_listable(prefix[:-1]):
+                    names.append(prefix[:-1])
+            elif not is_temp_name(entry.name):
+                self._walk(Path(entry.path), f"{prefix}{entry.name}/", names)
+
+    def _read_stages(self, name: str) -> StageState:
+        paths = self._existing(name)
+        found = self._read_file(paths.stages, f"stage map of secret {name!r}")
+        if found is None:
+            return StageState({}, "")
+        return StageState(_parse_stages(found[0], name, paths.stages), _revision(found[0]))
+
+    def _read_file(self, path: Path, what: str) -> tuple[bytes, os.stat_result] | None:
+        """The bytes and stat of ``path``, or None if it does not exist."""
+        try:
+            return read_nofollow(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._os_error(exc, what, path) from None
+
+    def _read_version(self, name: str, version_id: str) -> StoredVersion:
+        path = self._existing(name).version(version_id)
+        what = f"version {version_id!r} of secret {name!r}"
+        found = self._read_file(path, what)
+        if found is None:
+            raise VersionNotFound(f"{what} does not exist")
+        return StoredVersion(name, version_id, found[0], _utc(found[1].st_mtime_ns))
+
+    def _list_versions(self, name: str) -> list[tuple[str, datetime]]:
+        paths = self._existing(name)
+        found: list[tuple[int, str]] = []
+        try:
+            with os.scandir(paths.versions) as entries:
+                for entry in entries:
+                    version_id = _version_id_of(entry.name)
+                    if version_id and entry.is_file(follow_symlinks=False):
+                        found.append((entry.stat(follow_symlinks=False).st_mtime_ns, version_id))
+        except OSError as exc:
+            raise self._os_error(exc, f"versions of secret {name!r}", paths.versions) from None
+        return [(version_id, _utc(mtime)) for mtime, version_id in sorted(found)]
+
+    def _write_version(self, name: str, version_id: str, envelope: bytes) -> None:
+        paths = self._paths(name)
+        what = f"version {version_id!r} of secret {name!r}"
+        path = paths.version(version_id)
+        # Kernel file timestamps tick per jiffy (1-10 ms), so versions written in
+        # quick succession would tie; stamp the fine-grained clock instead, which
+        # keeps created_at (and list_versions' order) faithful.
+        now = time.time_ns()
+        if not paths.exists:
+            self._check_root(what)  # never recreate a store that was moved away
+        try:
+            make_dirs(paths.versions, mode=_DIR_MODE)
+            create_exclusive(path, envelope, mode=_FILE_MODE, times_ns=(now, now))
+        except FileExistsError:
+            raise Conflict(f"{what} already exists; versions are immutable") from None
+        except OSError as exc:
+            raise self._os_error(exc, what, path) from None
+
+    def _replace_envelope(
+        self, name: str, version_id: str, envelope: bytes, expected: bytes
+    ) -> None:
+        paths = self._existing(name)
+        path = paths.version(version_id)
+        what = f"version {version_id!r} of secret {name!r}"
+        try:
+            with FileLock(paths.lock, mode=_FILE_MODE):
+                found = self._read_file(path, what)
+                if found is None:
+                    raise VersionNotFound(f"{what} does not exist")
+                if found[0] != expected:
+                    raise Conflict(
+                        f"the envelope of {what} changed concurrently; nothing was written"
+                    )
+                # Keep the mtime: it is the version's created_at.
+                times = (found[1].st_atime_ns, found[1].st_mtime_ns)
+                atomic_write(path, envelope, mode=_FILE_MODE, times_ns=times)
+        except OSError as exc:
+            raise self._os_error(exc, what, path) from None
+
+    def _set_stages(self, name: str, stages: dict[str, str], expected_revision: str) -> StageState:
+        paths = self._existing(name)
+        what = f"stage map of secret {name!r}"
+        try:
+            with FileLock(paths.lock, mode=_FILE_MODE):
+                found = self._read_stages(name).revision
+                if found != expected_revision:
+                    raise Conflict(
+                        f"{what} changed concurrently (expected revision "
+                        f"{expected_revision!r}, found {found!r}); nothing was written"
+                    )
+                for stage, version_id in stages.items():
+                    if not _is_regular(paths.version(version_id)):
+                        raise VersionNotFound(
+                            f"stage {stage} of secret {name!r} points at "
+                            f"version {version_id!r}, which does not exist"
+                        )
+                data = json.dumps(stages, sort_keys=True).encode() + b"\n"
+                atomic_write(paths.stages, data, mode=_FILE_MODE)
+                return StageState(stages, _revision(data))
+        except OSError as exc:
+            raise self._os_error(exc, what, paths.stages) from None
+
+    def _start_watch(self) -> tuple[int, int]:
+        """Make sure ``secrets/`` exists under an existing root; return its identity."""
+        what = "watching the store"
+        self._check_root(what)
+        try:
+            make_dirs(self._secrets, mode=_DIR_MODE)
+            return _identity(self._secrets)
+        except OSError as exc:
+            raise self._os_error(exc, what, self._secrets) from None
+
+    def _changed_names(self, changes: _Batch, identity: tuple[int, int]) -> set[str]:
+        """Map one batch of changed paths to names, after checking the tree is still ours."""
+        try:
+            current: tuple[int, int] | None = _identity(self._secrets)
+        except (FileNotFoundError, NotADirectoryError):
+            current = None
+        except OSError as exc:
+            raise self._os_error(exc, "watching the store", self._secrets) from None
+        if current != identity:
+            raise BackendUnavailable(
+                f"watching the store: {self._secrets} was moved, replaced or removed; "
+                "restart the watch"
+            )
+        names: set[str] = set()
+        try:
+            for _change, path in changes:
+                names |= self._names_of_change(path)
+        except OSError as exc:
+            raise self._os_error(exc, "watching the store", self._secrets) from None
+        return names
+
+    def _names_of_change(self, path: str) -> set[str]:
+        """The secret names a changed path under ``secrets/`` belongs to (maybe none)."""
+        changed = Path(path)
+        try:
+            parts = changed.relative_to(self._secrets).parts
+        except ValueError:
+            return set()
+        if parts and (is_temp_name(parts[-1]) or parts[-1] == ".lock"):
+            return set()
+        if "versions" in parts or parts[-1:] == ("stages.json",):
+            cut = parts.index("versions") if "versions" in parts else -1
+            name = "/".join(parts[:cut])
+            return {name} if _is_listable(name) else set()
+        # A new directory: inotify may have missed what was created inside it
+        # before its watch was added, so look for secrets in it now.
+        found: list[str] = []
+        if changed.is_dir() and not changed.is_symlink():
+            self._walk(changed, "".join(f"{p}/" for p in parts), found)
+        return set(found)
+
+
+def _outcome(exc: AgentError) -> str:
+    if isinstance(exc, NotFound):
+        return "not_found"
+    if isinstance(exc, BackendUnavailable):
+        return "unavailable"
+    if isinstance(exc, Conflict):
+        return "conflict"
+    return "error"
+
+
+def _check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
+    """Validate stage labels (already normalised) and version ids; return a plain copy."""
+    for stage, version_id in stages.items():
+        if normalize_stage(stage) != stage:
+            raise BadRequest(
+                f"stage label {stage!r} must be normalised to "
+                f"{normalize_stage(stage)!r} before it is stored"
+            )
+        validate_version_id(version_id)
+    return dict(stages)
+
+
+def _parse_stages(data: bytes, name: str, path: Path) -> dict[str, str]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in doc.items()
+    ):
+        # Transient on purpose: cached values keep being served until it is fixed.
+        raise BackendUnavailable(
+            f"stage map of secret {name!r} ({path}) is not a JSON object of "
+            "stage -> version id; fix or remove the file"
+        )
+    return doc
+
+
+def _revision(data: bytes) -> str:
+    # A content hash, not the mtime: mtimes tick too coarsely to tell two
+    # quick writes apart, and a hash also survives copies between hosts.
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _utc(mtime_ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=mtime_ns // 1000)
+
+
+def _version_id_of(filename: str) -> str | None:
+    if not filename.endswith(".json") or is_temp_name(filename):
+        return None
+    try:
+        return validate_version_id(filename[: -len(".json")])
+    except BadRequest:
+        return None
+
+
+def _is_listable(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidName:
+        return False
+    return True
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+    return st.st_dev, st.st_ino
+
+
+# --------------------------------------------------------------------------- watch
+
+_Batch = set[tuple[Change, str]]
+_END = object()
+
+
+async def _watch(store: FileStore) -> AsyncIterator[WatchEvent]:
+    """The body of :meth:`FileStore.watch` (see there)."""
+    identity = await asyncio.to_thread(store._start_watch)
+    stop = asyncio.Event()
+    queue: asyncio.Queue[object] = asyncio.Queue()  # batches, then an exception or _END
+    pump = asyncio.create_task(_pump(store, stop, queue), name=f"watch {store.root}")
+    try:
+        # One loop pass runs the pump up to its first real wait, and awatch
+        # installs every inotify watch (RustNotify) before that: so nothing
+        # written after the resync below can be missed.
+        await asyncio.sleep(0)
+        if pump.done():
+            _raise_from(queue.get_nowait(), store)
+        yield WatchEvent(None)
+        while True:
+            changes = await _next_batch(queue, store)
+            names = await asyncio.to_thread(store._changed_names, changes, identity)
+            if names:
+                yield WatchEvent(frozenset(names))
+    finally:
+        stop.set()  # the watcher thread notices within one step
+        await _reap(pump)
+
+
+async def _pump(store: FileStore, stop: asyncio.Event, queue: asyncio.Queue[object]) -> None:
+    """Feed watchfiles' batches into ``queue``; an exception or _END ends the stream."""
+    try:
+        async for changes in awatch(
+            store._secrets,
+            watch_filter=None,  # the default filter drops names like node_modules/ or *~
+            debounce=store.watch_debounce_ms,
+            step=store.watch_step_ms,
+            stop_event=stop,
+            # Wake up periodically even without changes, to notice the
+            # directory being moved away or replaced (inotify would go quiet).
+            rust_timeout=store.watch_check_interval_ms,
+            yield_on_timeout=True,
+        ):
+            queue.put_nowait(changes)
+    except Exception as exc:  # handed over to the consumer, which raises it
+        queue.put_nowait(exc)
+    finally:
+        queue.put_nowait(_END)
+
+
+async def _next_batch(queue: asyncio.Queue[object], store: FileStore) -> _Batch:
+    """The next batch, merged with any that queued up while the consumer was busy."""
+    item = await queue.get()
+    merged: _Batch = set()
+    while True:
+        if not isinstance(item, set):
+            _raise_from(item, store)
+        merged |= item
+        if queue.empty():
+            return merged
+        item = queue.get_nowait()
+
+
+def _raise_from(item: object, store: FileStore) -> NoReturn:
+    if isinstance(item, BaseException):
+        raise BackendUnavailable(
+            f"watching {store._secrets} failed: {type(item).__name__}: {item}"
+        ) from item
+    raise BackendUnavailable(f"watching {store._secrets} stopped unexpectedly")
+
+
+async def _reap(pump: asyncio.Task[None]) -> None:
+    """Wait for the pump to end after ``stop`` was set; cancel it if it does not."""
+    _done, pending = await asyncio.wait({pump}, timeout=5.0)
+    if pending:
+        pump.cancel()
+        await asyncio.wait({pump})

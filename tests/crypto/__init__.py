@@ -1,0 +1,1 @@
+"""Envelope and data-key tests."""

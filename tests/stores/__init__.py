@@ -1,0 +1,1 @@
+"""The store contract suite and per-store tests."""
