@@ -298,15 +298,19 @@ class SecretCache:
         held: dict[str, Secret],
         refused: dict[str, str] | None = None,
     ) -> dict[str, Secret]:
+        """The versions to hold for ``state``: every wanted stage's version (fetched
+        only if not held), plus held versions still carrying a stage (so the old
+        CURRENT, now PREVIOUS, costs nothing)."""
         versions: dict[str, Secret] = {}
+        staged = set(state.stages.values())
+        for vid, secret in held.items():
+            if vid in staged:
+                versions[vid] = secret.with_stages(stages_of(state.stages, vid))
         for stage in sorted(wanted):
             vid = state.stages.get(stage)
             if vid is None or vid in versions:
                 continue
             stages = stages_of(state.stages, vid)
-            if vid in held:
-                versions[vid] = held[vid].with_stages(stages)
-                continue
             versions[vid] = await self._fetch_once(name, vid, stages, refused)
         return versions
 
@@ -364,6 +368,11 @@ class SecretCache:
         log.warning("secret %r removed from the agent: deleted from the store", entry.name)
         self._notify(entry.name)
         return True
+
+    def mark_unavailable(self, exc: AgentError) -> None:
+        """The store is down as a whole (e.g. it cannot even list): every entry is stale."""
+        for entry in self._entries.values():
+            self._failing(entry, exc)
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (it is loaded again on the next read)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import watchfiles
 from aiohttp import web
 
 from agent.cache import SecretCache
@@ -19,7 +20,7 @@ from agent.core import Core
 from agent.errors import AgentError, ConfigError
 from agent.logsetup import setup_logging
 from agent.metrics import Metrics
-from agent.refresh import Refresher
+from agent.refresh import Refresher, matches
 from agent.server.access import AccessPolicy
 from agent.server.app import STATE, ServerState, build_app, metrics
 from agent.sockets import bind_unix_site
@@ -50,6 +51,7 @@ class Daemon:
             max_connections=config.listen.max_connections,
         )
         self.shutdown = asyncio.Event()
+        self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = []
@@ -67,6 +69,7 @@ class Daemon:
                 tasks = [
                     tg.create_task(self._startup_load()),
                     tg.create_task(self.refresher.run()),
+                    tg.create_task(self._watch_config()),
                     *(tg.create_task(t()) for t in self.background),
                 ]
                 await self.shutdown.wait()
@@ -156,6 +159,23 @@ class Daemon:
             return
         self.apply(new)
 
+    async def _watch_config(self) -> None:
+        """Reload when the config file changes (editors replace it: watch its directory)."""
+        path = self._config_file
+        if path is None:
+            return
+
+        def is_config(_change: object, changed: str) -> bool:
+            return Path(changed).name == path.name
+
+        try:
+            async for _ in watchfiles.awatch(
+                path.parent, watch_filter=is_config, recursive=False, debounce=200, step=50
+            ):
+                self.request_reload()
+        except (OSError, RuntimeError) as exc:
+            log.warning("not watching the config file for changes: %s; SIGHUP still reloads", exc)
+
     def apply(self, new: AgentConfig) -> None:
         """Apply a validated config; parts that need a restart keep their old values."""
         old = self.config
@@ -164,6 +184,9 @@ class Daemon:
                 log.warning("config reload: %r changed; it takes effect after a restart", part)
         setup_logging(new.log)
         self.state.policy = AccessPolicy(new.access)
+        for name in self.cache.names():
+            if matches(name, old.secrets) and not matches(name, new.secrets):
+                self.cache.remove(name)
         self.refresher.patterns = tuple(new.secrets)
         self.refresher.settings = new.refresh
         self.cache.settings = new.refresh

@@ -80,6 +80,7 @@ class Refresher:
         )
         self._wake = asyncio.Event()
         self._failed_for_good: dict[str, str] = {}
+        self._last_outage: BackendUnavailable | None = None
 
     # ------------------------------------------------------------------ startup
 
@@ -89,8 +90,14 @@ class Refresher:
         A secret that fails for good (not found, refused) is recorded and does
         not hold readiness back; a transient failure does, until it loads.
         """
-        names = await self._wanted_names()
-        await self._refresh_many(names, trigger=trigger)
+        try:
+            names = await self._wanted_names()
+        except BackendUnavailable as exc:
+            self._note_outage(exc)
+            return
+        transient = await self._refresh_many(names, trigger=trigger)
+        if transient and self._last_outage is not None:
+            self._note_outage(self._last_outage, affected=len(transient))
         self._check_ready(names)
 
     async def _wanted_names(self) -> list[str]:
@@ -101,7 +108,11 @@ class Refresher:
         return sorted({n for n in listed if matches(n, self.patterns)} | set(literal))
 
     async def _refresh_many(self, names: Iterable[str], *, trigger: str) -> list[str]:
-        """Refresh ``names`` with bounded concurrency; return those that failed transiently."""
+        """Refresh ``names`` with bounded concurrency; return those that failed transiently.
+
+        A transient failure is not logged here: :meth:`resync` logs an outage
+        once per backoff step, however many secrets it affects.
+        """
         sem = asyncio.Semaphore(_CONCURRENCY)
         transient: list[str] = []
 
@@ -112,7 +123,7 @@ class Refresher:
                     self._failed_for_good.pop(name, None)
                 except BackendUnavailable as exc:
                     transient.append(name)
-                    self._note_outage(exc)
+                    self._last_outage = exc
                 except AgentError as exc:
                     self._failed_for_good[name] = exc.message
                     if not isinstance(exc, NotFound):
@@ -164,23 +175,28 @@ class Refresher:
         try:
             wanted = await self._wanted_names()
         except BackendUnavailable as exc:
+            self.cache.mark_unavailable(exc)
             return self._note_outage(exc)
         names = sorted(set(wanted) | set(self.cache.names()))
         transient = await self._refresh_many(names, trigger=trigger)
         self._check_ready(wanted)
-        if transient:
-            return self._backoff.next_delay()
+        if transient and self._last_outage is not None:
+            return self._note_outage(self._last_outage, affected=len(transient))
         self._recovered()
         return self._interval()
 
-    def _note_outage(self, exc: BackendUnavailable) -> float:
+    def _note_outage(self, exc: BackendUnavailable, *, affected: int | None = None) -> float:
+        """Record one failed pass, log it once, and return the backoff delay."""
         now = self.clock()
         if self.store_down_since is None:
             self.store_down_since = now
         delay = self._backoff.next_delay()
+        scope = f"{affected} secrets" if affected is not None else "all secrets"
         log.warning(
-            "store or key provider unavailable (%s); serving cached values, retry %d in %.1fs",
+            "store or key provider unavailable (%s): %s served from cache where held; "
+            "retry %d in %.1fs",
             exc.message,
+            scope,
             self._backoff.failures,
             delay,
         )
