@@ -298,20 +298,23 @@ class SecretCache:
         held: dict[str, Secret],
         refused: dict[str, str] | None = None,
     ) -> dict[str, Secret]:
-        """The versions to hold for ``state``: every wanted stage's version (fetched
-        only if not held), plus held versions still carrying a stage (so the old
-        CURRENT, now PREVIOUS, costs nothing)."""
+        """The versions to hold for ``state``.
+
+        Every wanted stage's version (fetched only if not held), plus held
+        versions that still carry a stage, so the old CURRENT, now PREVIOUS,
+        costs nothing.
+        """
         versions: dict[str, Secret] = {}
         staged = set(state.stages.values())
         for vid, secret in held.items():
             if vid in staged:
                 versions[vid] = secret.with_stages(stages_of(state.stages, vid))
         for stage in sorted(wanted):
-            vid = state.stages.get(stage)
-            if vid is None or vid in versions:
+            wanted_vid = state.stages.get(stage)
+            if wanted_vid is None or wanted_vid in versions:
                 continue
-            stages = stages_of(state.stages, vid)
-            versions[vid] = await self._fetch_once(name, vid, stages, refused)
+            stages = stages_of(state.stages, wanted_vid)
+            versions[wanted_vid] = await self._fetch_once(name, wanted_vid, stages, refused)
         return versions
 
     async def _fetch_once(
