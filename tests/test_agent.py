@@ -190,7 +190,7 @@ async def test_no_plaintext_in_store_logs_metrics_or_status(
                 assert form not in hay
 
 
-def test_sigterm_stops_the_agent_gracefully_and_removes_the_socket(env: AgentEnv) -> None:
+def test_sigterm_stops_a_hardened_agent_gracefully_and_removes_the_socket(env: AgentEnv) -> None:
     env.put("a", "v")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "-c", str(env.config_path), "run"],
@@ -202,6 +202,10 @@ def test_sigterm_stops_the_agent_gracefully_and_removes_the_socket(env: AgentEnv
         while not env.socket.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert env.socket.exists()
+        # Hardened at start: no core dumps (a core file would hold every secret).
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        core_line = next(line for line in limits.splitlines() if "core file" in line)
+        assert core_line.split()[4:6] == ["0", "0"], core_line
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0
