@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -39,7 +40,9 @@ def init_dir(directory: Path, overrides: dict[str, Any]) -> Path:
     """``secrets-agent init`` into ``directory``, then merge ``overrides`` into the config."""
     from agent.cli import main
 
-    if main(["init", "--dir", str(directory)]) != 0:
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["init", "--dir", str(directory)])
+    if code != 0:
         raise RuntimeError("init failed")
     cfg = directory / "agent.yaml"
     doc = yaml.safe_load(cfg.read_text())

@@ -54,12 +54,13 @@ async def run_mode(
 
     with tempfile.TemporaryDirectory(prefix="sa-bench-") as tmp:
         directory = Path(tmp)
-        dest = render_root / f"{uuid.uuid4().hex[:8]}-value"
+        dest = render_root / f"{uuid.uuid4().hex[:8]}-value" if render_root else None
         overrides: dict[str, Any] = {
             "refresh": {"watch": push, "interval": poll_interval, "jitter": 0.1},
             "secrets": [NAME],
-            "templates": [{"destination": str(dest), "secret": NAME, "format": "raw"}],
         }
+        if dest is not None:
+            overrides["templates"] = [{"destination": str(dest), "secret": NAME, "format": "raw"}]
         if store is not None:
             overrides["store"] = store
         cfg = init_dir(directory, overrides)
@@ -82,6 +83,8 @@ async def run_mode(
                     return await agent.get_raw(NAME) == v
 
                 async def rendered(v: bytes = value) -> bool:
+                    if dest is None:
+                        return True
                     try:
                         return dest.read_bytes() == v
                     except OSError:
@@ -99,7 +102,8 @@ async def run_mode(
             )
             decrypts = await agent.metric("secrets_agent_decrypts_total", outcome="ok") - dec0
         await core.aclose()
-        dest.unlink(missing_ok=True)
+        if dest is not None:
+            dest.unlink(missing_ok=True)
         return {
             "socket": socket_lat,
             "file": file_lat,
@@ -111,7 +115,8 @@ async def run_mode(
 
 def report(label: str, result: dict[str, Any]) -> None:
     print(summary(f"{label}: to socket", result["socket"]))
-    print(summary(f"{label}: to rendered file", result["file"]))
+    if result["file"]:
+        print(summary(f"{label}: to rendered file", result["file"]))
     n = result["rotations"]
     print(
         f"{label}: fetches {result['fetches']:.0f} ({result['fetches'] / n:.2f}/rotation), "
@@ -126,7 +131,11 @@ async def main() -> int:
     parser.add_argument("--poll-interval", default="1s")
     parser.add_argument("--store", choices=["file", "etcd"], default="file")
     parser.add_argument("--etcd-endpoint", default="127.0.0.1:2379")
-    parser.add_argument("--render-dir", default="/dev/shm")
+    parser.add_argument(
+        "--render-dir",
+        default="/dev/shm",
+        help="tmpfs directory for the rendered file; 'none' to skip rendering",
+    )
     args = parser.parse_args()
     store = None
     if args.store == "etcd":
@@ -135,7 +144,7 @@ async def main() -> int:
             "endpoints": [args.etcd_endpoint],
             "prefix": f"/bench-{uuid.uuid4().hex[:8]}",
         }
-    render_root = Path(args.render_dir)
+    render_root = None if args.render_dir == "none" else Path(args.render_dir)
     push = await run_mode(
         push=True,
         rotations=args.rotations,
