@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import RefreshConfig
 from agent.errors import (
@@ -37,6 +37,9 @@ from agent.metrics import Metrics
 from agent.resolver import Resolver, envelope_digest
 from agent.stores.base import StageState
 from agent.types import CURRENT, Secret, normalize_stage, stages_of, utcnow, validate_name
+
+if TYPE_CHECKING:
+    from agent.audit import Auditor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,8 +84,10 @@ class SecretCache:
         settings: RefreshConfig,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        audit: Auditor | None = None,
     ) -> None:
         self.resolver = resolver
+        self.audit = audit
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
@@ -332,6 +337,14 @@ class SecretCache:
             return await self.resolver.open(name, vid, stored.envelope, stored.created_at, stages)
         except DecryptionError as exc:
             log.warning("refused envelope: %s; the last good value stays in service", exc.message)
+            if self.audit is not None:
+                self.audit.record(
+                    "envelope_refused",
+                    secret=name,
+                    version=vid,
+                    outcome="refused",
+                    reason=exc.message,
+                )
             if refused is not None:
                 refused[vid] = digest
             raise

@@ -14,6 +14,7 @@ from typing import Any
 import watchfiles
 from aiohttp import web
 
+from agent.audit import AuditLog
 from agent.cache import SecretCache
 from agent.config import AgentConfig, load_config, split_host_port
 from agent.core import Core
@@ -23,6 +24,7 @@ from agent.metrics import Metrics
 from agent.refresh import Refresher, matches
 from agent.server.access import AccessPolicy
 from agent.server.app import STATE, ServerState, build_app, metrics
+from agent.server.tcp import start_tcp_listener
 from agent.sockets import bind_unix_site
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,12 @@ class Daemon:
         self.config = config
         self.metrics = metrics or Metrics()
         self.core = Core.build(config, metrics=self.metrics)
-        self.cache = SecretCache(self.core.resolver, settings=config.refresh, metrics=self.metrics)
+        self.audit = AuditLog.from_config(
+            config.audit, metrics=self.metrics, base_dir=config.base_dir
+        )
+        self.cache = SecretCache(
+            self.core.resolver, settings=config.refresh, metrics=self.metrics, audit=self.audit
+        )
         self.refresher = Refresher(
             self.cache,
             self.core.store,
@@ -49,7 +56,10 @@ class Daemon:
             self.metrics,
             ready=self.refresher.ready,
             max_connections=config.listen.max_connections,
+            audit=self.audit,
+            region=getattr(config.store, "region", None) or "local",
         )
+        self.state.status_providers.append(lambda: {"audit": self.audit.status()})
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
@@ -80,6 +90,7 @@ class Daemon:
             await self._stop_listeners()
             await self.cache.aclose()
             await self.core.aclose()
+            await self.audit.aclose()
             self._remove_signals()
 
     async def _startup_load(self) -> None:
@@ -91,7 +102,8 @@ class Daemon:
 
     async def _start_listeners(self) -> None:
         listen = self.config.listen
-        app = build_app(self.state, listener="unix")
+        prefix = listen.tcp.aws_path_prefix if listen.tcp is not None else "/v1/"
+        app = build_app(self.state, listener="unix", aws_path_prefix=prefix)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         self._runners.append(runner)
@@ -99,6 +111,12 @@ class Daemon:
             runner, listen.socket, mode=listen.socket_mode, group=listen.socket_group
         )
         log.info("serving on unix socket %s", listen.socket)
+        if listen.tcp is not None:
+            trunner, port = await start_tcp_listener(
+                self.state, listen.tcp, base_dir=self.config.base_dir
+            )
+            self._runners.append(trunner)
+            log.info("serving on loopback TCP port %d (token required)", port)
         if self.config.metrics.listen is not None:
             host, port = split_host_port(self.config.metrics.listen)
             mapp = web.Application()
@@ -151,10 +169,12 @@ class Daemon:
         if source is None:
             log.warning("reload requested but the config was not loaded from a file")
             return
+        self.audit.reopen()
         try:
             new = load_config(Path(source))
         except ConfigError as exc:
             self.metrics.config_reloads.labels("rejected").inc()
+            self.audit.record("config_reloaded", outcome="rejected", reason=exc.message[:500])
             log.error("config reload rejected, keeping the running config: %s", exc.message)
             return
         self.apply(new)
@@ -203,5 +223,6 @@ class Daemon:
             }
         )
         self.metrics.config_reloads.labels("applied").inc()
+        self.audit.record("config_reloaded", outcome="applied")
         log.info("config reloaded from %s", new.source)
         self.refresher.poke()

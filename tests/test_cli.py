@@ -143,6 +143,9 @@ def test_keys_rotate_wraps_new_data_keys_with_the_new_version(env: AgentEnv) -> 
     assert env.cli("get", "k2")[1] == "after"
     code, out, _ = env.cli("keys", "list")
     assert "v1" in out and "v2" in out and "primary" in out
+    assert '"key_rotated"' in (env.dir / "audit.log").read_text()
+    code, out, _ = env.cli("audit", "verify", str(env.dir / "audit.log"))
+    assert code == 0 and out.startswith("ok: 1 records")
 
 
 def test_readable_keyring_is_refused(env: AgentEnv) -> None:

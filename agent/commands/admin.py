@@ -19,7 +19,7 @@ from agent.commands.common import (
     run_async,
     with_core,
 )
-from agent.config import default_config_path
+from agent.config import AgentConfig, default_config_path
 from agent.core import Core
 from agent.errors import ConfigError
 from agent.keys.base import KeyInfo, KeyManager
@@ -171,6 +171,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return infos
 
     infos = run_async(with_core(config, go))
+    if args.keys_command in ("create", "rotate"):
+        _audit_key_change(config, args.keys_command, infos)
     if getattr(args, "json", False):
         print(
             json.dumps(
@@ -183,6 +185,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
             primary = " primary" if i.primary else ""
             print(f"{i.provider}\t{i.key}\tv{i.version}\t{i.state}{primary}\t{i.detail}")
     return EXIT_OK
+
+
+def _audit_key_change(config: AgentConfig, command: str, infos: list[KeyInfo]) -> None:
+    from agent.audit import AuditLog
+
+    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir)
+    event = "key_created" if command == "create" else "key_rotated"
+    for info in infos:
+        audit.record(event, outcome="ok", reason=f"{info.provider}/{info.key} v{info.version}")
+    run_async(audit.aclose())
 
 
 def _info(info: KeyInfo) -> dict[str, Any]:

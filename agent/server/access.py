@@ -1,77 +1,122 @@
 """Access rules: which callers may read which secret names and stages.
 
-Deny by default. A rule matches names by glob and callers by uid, gid
-(primary or supplementary) or token name; it allows the stages it lists.
+Deny by default: a read is allowed only if a rule matches the caller *and*
+the name *and* the stage. A rule matches
+
+* a Unix-socket caller by ``uids`` or ``gids`` (primary or supplementary),
+  and, if ``exe`` is given, also by the executable path (globs); an unknown
+  executable never matches a rule that names one;
+* a TCP caller by ``token`` (the token's name in ``listen.tcp.tokens``).
+
+There is no implicit grant, not even to root or to the agent's own uid: the
+default config carries one explicit rule for the agent's uid
+(``agent.config._default_access``), so every grant is visible in the config.
+Root can read the keyring and the agent's memory anyway; the rules do not
+pretend otherwise (see ``docs/security.md``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from agent.config import AccessRule
+from agent.errors import BadRequest, ConfigError
 from agent.server.peer import Caller
 from agent.types import normalize_stage
+
+#: A rule's ``stages`` entry that allows every stage, and versions with none.
+ANY_STAGE = "*"
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """An access decision and, for the audit log, why."""
+    """An access decision and, for the audit log, why (a rule index or a reason)."""
 
     allowed: bool
     reason: str
 
 
-class AccessPolicy:
-    """The ``access:`` rules of the config."""
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    index: int
+    secrets: tuple[str, ...]
+    uids: frozenset[int]
+    gids: frozenset[int]
+    exe: tuple[str, ...]
+    token: str | None
+    stages: frozenset[str]
 
-    def __init__(self, rules: Sequence[AccessRule]) -> None:
-        self.rules = tuple(rules)
+    @classmethod
+    def of(cls, index: int, rule: AccessRule) -> _Rule:
+        try:
+            stages = frozenset(s if s == ANY_STAGE else normalize_stage(s) for s in rule.stages)
+        except BadRequest as exc:
+            raise ConfigError(exc.message, path=f"access[{index}].stages") from None
+        return cls(
+            index,
+            tuple(rule.secrets),
+            frozenset(rule.uids),
+            frozenset(rule.gids),
+            tuple(rule.exe),
+            rule.token,
+            stages,
+        )
 
-    def _matches_caller(self, rule: AccessRule, caller: Caller) -> bool:
+    def matches_caller(self, caller: Caller) -> bool:
         if caller.listener == "tcp":
-            return rule.token is not None and rule.token == caller.token
-        if rule.token is not None and not (rule.uids or rule.gids):
+            identified = self.token is not None and self.token == caller.token
+        else:
+            identified = caller.uid is not None and (
+                caller.uid in self.uids or not self.gids.isdisjoint(caller.groups)
+            )
+        if not identified:
             return False
-        if caller.uid is None:
-            return False
-        if not (caller.uid in rule.uids or caller.groups & set(rule.gids)):
-            return False
-        if rule.exe:
+        if self.exe:
             exe = caller.exe
-            return exe is not None and any(fnmatchcase(exe, pat) for pat in rule.exe)
+            return exe is not None and any(fnmatchcase(exe, pat) for pat in self.exe)
         return True
 
-    def _rules_for(self, caller: Caller, name: str) -> Iterable[tuple[int, AccessRule]]:
-        for i, rule in enumerate(self.rules):
-            if self._matches_caller(rule, caller) and any(
-                fnmatchcase(name, pat) for pat in rule.secrets
-            ):
-                yield i, rule
+    def matches_name(self, name: str) -> bool:
+        return any(fnmatchcase(name, pat) for pat in self.secrets)
+
+    def allows(self, stages: set[str] | None) -> bool:
+        if stages is None or ANY_STAGE in self.stages:
+            return True
+        return not self.stages.isdisjoint(stages)
+
+
+class AccessPolicy:
+    """The ``access:`` rules of the config, compiled once."""
+
+    def __init__(self, rules: Sequence[AccessRule]) -> None:
+        self._rules = tuple(_Rule.of(i, rule) for i, rule in enumerate(rules))
+
+    def _matching(self, caller: Caller, name: str) -> Iterator[_Rule]:
+        for rule in self._rules:
+            if rule.matches_caller(caller) and rule.matches_name(name):
+                yield rule
 
     def check(self, caller: Caller, name: str, stages: Iterable[str] | None = None) -> Decision:
         """May ``caller`` read ``name``, at one of ``stages``?
 
-        ``stages=None`` checks the name alone (done before any lookup, so a
-        denied read and a missing secret answer alike). A version read by id
-        passes the stages that version carries: at least one must be allowed,
-        unless a rule allows ``"*"``.
+        ``stages=None`` checks the name alone; it is done before any lookup,
+        so a denied read and a read of a missing secret answer alike. A read
+        by version id passes the stages that version carries: one of them
+        must be allowed, unless a rule allows ``"*"``.
         """
+        wanted = {normalize_stage(s) for s in stages} if stages is not None else None
         matched = False
-        wanted = set(stages) if stages is not None else None
-        for i, rule in self._rules_for(caller, name):
+        for rule in self._matching(caller, name):
             matched = True
-            if wanted is None or "*" in rule.stages:
-                return Decision(True, f"access[{i}]")
-            if wanted & {normalize_stage(s) for s in rule.stages}:
-                return Decision(True, f"access[{i}]")
+            if rule.allows(wanted):
+                return Decision(True, f"access[{rule.index}]")
         if matched:
-            return Decision(
-                False, f"stages {sorted(wanted or ())} not allowed by any matching rule"
-            )
+            shown = ",".join(sorted(wanted or ())) or "no stage"
+            return Decision(False, f"stage ({shown}) not allowed by any rule for this secret")
         return Decision(False, "no rule matches this caller and secret")
 
     def may_list(self, caller: Caller, name: str) -> bool:
-        """Whether ``name`` appears in this caller's ``GET /v1/secrets``."""
-        return any(True for _ in self._rules_for(caller, name))
+        """Whether ``name`` appears in this caller's ``GET /v1/secrets`` and status."""
+        return next(self._matching(caller, name), None) is not None

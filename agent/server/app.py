@@ -1,78 +1,60 @@
-"""The aiohttp application: routes, request checks and the shared state they read."""
+"""The aiohttp application: native routes, the AWS-compatible ones, and the checks.
+
+One application per listener (``unix`` or ``tcp``), all sharing one
+:class:`ServerState`. Handlers parse, call the read path, serialise; errors
+are mapped in one middleware; request checks (connection limit, identity,
+forwarding, token, method) are a chain of small validators
+(:mod:`agent.server.checks`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.cache import Lookup, SecretCache
-from agent.errors import AccessDenied, AgentError, BadRequest, TooManyRequests
-from agent.metrics import Metrics
-from agent.server.access import AccessPolicy
+from agent.cache import Lookup
+from agent.errors import BadRequest
+from agent.server import aws
+from agent.server.checks import Check, Limiter, guard, only_get, refuse_forwarded, unix_identity
 from agent.server.errors import Handler, error_middleware
-from agent.server.peer import Caller, unix_peer
-from agent.types import CURRENT, Secret, normalize_stage, validate_name
+from agent.server.reads import read_secret
+from agent.server.state import (
+    CALLER,
+    LISTENER,
+    STATE,
+    ServerState,
+    StatusProvider,
+    caller_of,
+)
+from agent.types import CURRENT, Secret
 
-#: Read of the text a status provider contributes to ``/v1/status``.
-StatusProvider = Callable[[], dict[str, Any]]
-
-
-@dataclass
-class ServerState:
-    """What handlers need; built once by the daemon and shared by every listener."""
-
-    cache: SecretCache
-    policy: AccessPolicy
-    metrics: Metrics
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    status_providers: list[StatusProvider] = field(default_factory=list)
-    max_connections: int = 800
-    inflight: int = 0
-
-
-STATE = web.AppKey("state", ServerState)
-LISTENER = web.AppKey("listener", str)
-CALLER = "secrets_agent.caller"
+__all__ = [
+    "CALLER",
+    "LISTENER",
+    "STATE",
+    "ServerState",
+    "StatusProvider",
+    "build_app",
+    "caller_of",
+    "metrics",
+    "secret_document",
+]
 
 _SECRET_QUERY = frozenset({"stage", "version", "key", "format", "refresh"})
+_NO_STORE = {"Cache-Control": "no-store"}
+DEFAULT_AWS_PREFIX = "/v1/"
 
 
-def caller_of(request: web.Request) -> Caller:
-    caller = request.get(CALLER)
-    assert isinstance(caller, Caller)
-    return caller
-
-
-# ------------------------------------------------------------------ validators
-
-
-@web.middleware
-async def limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer 429 beyond ``max_connections`` requests in flight."""
-    state = request.app[STATE]
-    if state.inflight >= state.max_connections:
-        raise TooManyRequests("too many requests in flight; retry shortly")
-    state.inflight += 1
-    try:
-        return await handler(request)
-    finally:
-        state.inflight -= 1
-
-
-@web.middleware
-async def unix_identity_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Attach the caller from ``SO_PEERCRED``."""
-    request[CALLER] = unix_peer(request)
-    return await handler(request)
+# -------------------------------------------------------------------- middleware
 
 
 @web.middleware
@@ -83,13 +65,13 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     info = request.match_info.route.resource
     route = info.canonical if info is not None else "unmatched"
     listener = request.app[LISTENER]
-    metrics = request.app[STATE].metrics
-    metrics.http_requests.labels(listener, route, str(response.status)).inc()
-    metrics.http_request_seconds.labels(listener, route).observe(time.perf_counter() - started)
+    registry = request.app[STATE].metrics
+    registry.http_requests.labels(listener, route, str(response.status)).inc()
+    registry.http_request_seconds.labels(listener, route).observe(time.perf_counter() - started)
     return response
 
 
-# -------------------------------------------------------------------- handlers
+# ---------------------------------------------------------------------- handlers
 
 
 def _query(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
@@ -132,40 +114,24 @@ def secret_document(secret: Secret) -> dict[str, Any]:
 
 
 def _headers(lookup: Lookup) -> dict[str, str]:
-    headers = {"Cache-Control": "no-store", "X-Secret-Age": f"{lookup.age:.3f}"}
+    headers = {**_NO_STORE, "X-Secret-Age": f"{lookup.age:.3f}"}
     if lookup.stale:
         headers["X-Secret-Stale"] = "true"
     return headers
 
 
-async def read_secret(
-    request: web.Request, name: str, *, stage: str | None, version: str | None, refresh: bool
-) -> Lookup:
-    """Access check, then the cache: shared by the native and AWS-style routes.
-
-    The name-level check happens before any lookup, so a denied read and a
-    read of a missing secret look the same to the caller.
-    """
-    state = request.app[STATE]
-    caller = caller_of(request)
-    validate_name(name)
-    if stage is not None:
-        stage = normalize_stage(stage)
-    decision = state.policy.check(caller, name)
-    if not decision.allowed:
-        state.metrics.access_decisions.labels(caller.listener, "deny").inc()
-        raise AccessDenied(f"access to secret {name!r} is denied")
-    if refresh:
-        # A failed check is not an error here: the read below reports the secret's state.
-        with contextlib.suppress(AgentError):
-            await state.cache.refresh(name, trigger="request", force=True)
-    lookup = await state.cache.get(name, stage=stage, version=version)
-    stages = [stage or CURRENT] if version is None else list(lookup.secret.stages)
-    if not state.policy.check(caller, name, stages).allowed:
-        state.metrics.access_decisions.labels(caller.listener, "deny").inc()
-        raise AccessDenied(f"access to secret {name!r} is denied")
-    state.metrics.access_decisions.labels(caller.listener, "allow").inc()
-    return lookup
+def _key_response(lookup: Lookup, key: str, *, raw: bool) -> web.Response:
+    secret = lookup.secret
+    field_value = secret.value.json_key(key)
+    if raw:
+        text = field_value if isinstance(field_value, str) else json.dumps(field_value)
+        return web.Response(text=text, content_type="text/plain", headers=_headers(lookup))
+    doc = secret_document(secret)
+    doc.pop("value", None)
+    doc.pop("value_base64", None)
+    doc["key"] = key
+    doc["value"] = field_value
+    return web.json_response(doc, headers=_headers(lookup))
 
 
 async def get_secret(request: web.Request) -> web.StreamResponse:
@@ -181,19 +147,10 @@ async def get_secret(request: web.Request) -> web.StreamResponse:
         version=q.get("version"),
         refresh=_bool(q.get("refresh"), "refresh"),
     )
-    secret = lookup.secret
     key = q.get("key")
     if key is not None:
-        field_value = secret.value.json_key(key)
-        if fmt == "raw":
-            text = field_value if isinstance(field_value, str) else json.dumps(field_value)
-            return web.Response(text=text, content_type="text/plain", headers=_headers(lookup))
-        doc = secret_document(secret)
-        doc.pop("value", None)
-        doc.pop("value_base64", None)
-        doc["key"] = key
-        doc["value"] = field_value
-        return web.json_response(doc, headers=_headers(lookup))
+        return _key_response(lookup, key, raw=fmt == "raw")
+    secret = lookup.secret
     if fmt == "raw":
         ctype = "application/octet-stream" if secret.value_type == "binary" else "text/plain"
         return web.Response(
@@ -209,24 +166,26 @@ async def list_secrets(request: web.Request) -> web.StreamResponse:
     caller = caller_of(request)
     items = []
     for name in state.cache.names():
-        if not state.policy.may_list(caller, name):
-            continue
         stage_map = state.cache.stage_map(name)
+        if stage_map is None or not state.policy.may_list(caller, name):
+            continue
         items.append(
             {
                 "name": name,
-                "version_id": stage_map.stages.get(CURRENT) if stage_map else None,
-                "stages": dict(stage_map.stages) if stage_map else {},
+                "version_id": stage_map.stages.get(CURRENT),
+                "stages": dict(stage_map.stages),
             }
         )
-    return web.json_response({"secrets": items}, headers={"Cache-Control": "no-store"})
+    return web.json_response({"secrets": items}, headers=_NO_STORE)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
+    """``GET /healthz``: the process is up."""
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
+    """``GET /readyz``: every configured secret has loaded (or failed for good)."""
     ready = request.app[STATE].ready.is_set()
     return web.json_response(
         {"status": "ready" if ready else "starting"}, status=200 if ready else 503
@@ -235,43 +194,77 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 async def status(request: web.Request) -> web.StreamResponse:
     """``GET /v1/status``: versions, ages, last refresh and error per secret; no values."""
+    _query(request, frozenset())
     state = request.app[STATE]
     caller = caller_of(request)
     doc: dict[str, Any] = {
         "ready": state.ready.is_set(),
         "secrets": [s for s in state.cache.status() if state.policy.may_list(caller, s["name"])],
+        "audit": state.audit.status(),
     }
     for provider in state.status_providers:
         doc.update(provider())
-    return web.json_response(doc, headers={"Cache-Control": "no-store"})
+    return web.json_response(doc, headers=_NO_STORE)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    """``GET /metrics``: Prometheus text."""
     registry = request.app[STATE].metrics.registry
     body = await asyncio.to_thread(generate_latest, registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@cache
+def openapi_text() -> bytes:
+    """The OpenAPI document shipped with the package (``agent/openapi.yaml``)."""
+    return resources.files("agent").joinpath("openapi.yaml").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/openapi.yaml``: the API description."""
+    return web.Response(body=openapi_text(), content_type="application/yaml")
+
+
+# ---------------------------------------------------------------------- assembly
+
+
+def normalize_prefix(prefix: str) -> str:
+    """``v1`` / ``/v1`` / ``/v1/`` all mean ``/v1/``."""
+    return "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
 
 
 def build_app(
     state: ServerState,
     *,
     listener: str = "unix",
-    identity: Callable[[web.Request, Handler], Awaitable[web.StreamResponse]] | None = None,
+    checks: Sequence[Check] | None = None,
+    max_connections: int | None = None,
+    aws_path_prefix: str = DEFAULT_AWS_PREFIX,
 ) -> web.Application:
-    """The application for one listener (``unix`` or ``tcp``)."""
-    middlewares: list[Any] = [
-        metrics_middleware,
-        error_middleware,
-        limit_middleware,
-        identity if identity is not None else unix_identity_middleware,
-    ]
-    app = web.Application(middlewares=middlewares, client_max_size=64 * 1024)
+    """The application for one listener.
+
+    Args:
+        listener: ``unix`` or ``tcp`` (a metrics label and the caller's kind).
+        checks: the request checks after the connection limit; the default
+            is the Unix socket's (peer credentials, no forwarding, GET only).
+        max_connections: requests in flight before 429 (default from state).
+        aws_path_prefix: the prefix of the AWS path style (``GET /v1/<name>``).
+    """
+    prefix = normalize_prefix(aws_path_prefix)
+    limiter = Limiter(max_connections if max_connections is not None else state.max_connections)
+    chain = list(checks) if checks is not None else [unix_identity, refuse_forwarded, only_get]
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, guard(limiter, chain)],
+        client_max_size=64 * 1024,
+    )
     app[STATE] = state
     app[LISTENER] = listener
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/openapi.yaml", openapi)
     app.router.add_get("/v1/secrets", list_secrets)
     app.router.add_get("/v1/secrets/{name:.+}", get_secret)
+    aws.add_routes(app, prefix=prefix)
     return app
