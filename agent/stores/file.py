@@ -40,9 +40,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
-
-from watchfiles import Change, awatch
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from agent.errors import (
     AccessDenied,
@@ -64,6 +62,7 @@ from agent.fsutil import (
     read_nofollow,
 )
 from agent.stores.base import StageState, StoredVersion, WatchEvent
+from agent.stores.file_watch import Batch, watch_store
 from agent.types import normalize_stage, validate_name, validate_version_id
 
 if TYPE_CHECKING:
@@ -219,7 +218,7 @@ class FileStore:
             BackendUnavailable: the store directory is missing or was replaced,
                 or the watcher failed; restart the watch with backoff.
         """
-        return _watch(self)
+        return watch_store(self)
 
     # ------------------------------------------------------------------ internals
 
@@ -437,7 +436,7 @@ class FileStore:
         except OSError as exc:
             raise self._os_error(exc, what, self._secrets) from None
 
-    def _changed_names(self, changes: _Batch, identity: tuple[int, int]) -> set[str]:
+    def _changed_names(self, changes: Batch, identity: tuple[int, int]) -> set[str]:
         """Map one batch of changed paths to names, after checking the tree is still ours."""
         try:
             current: tuple[int, int] | None = _identity(self._secrets)
@@ -556,83 +555,3 @@ def _identity(path: Path) -> tuple[int, int]:
     if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
     return st.st_dev, st.st_ino
-
-
-# --------------------------------------------------------------------------- watch
-
-_Batch = set[tuple[Change, str]]
-_END = object()
-
-
-async def _watch(store: FileStore) -> AsyncIterator[WatchEvent]:
-    """The body of :meth:`FileStore.watch` (see there)."""
-    identity = await asyncio.to_thread(store._start_watch)
-    stop = asyncio.Event()
-    queue: asyncio.Queue[object] = asyncio.Queue()  # batches, then an exception or _END
-    pump = asyncio.create_task(_pump(store, stop, queue), name=f"watch {store.root}")
-    try:
-        # One loop pass runs the pump up to its first real wait, and awatch
-        # installs every inotify watch (RustNotify) before that: so nothing
-        # written after the resync below can be missed.
-        await asyncio.sleep(0)
-        if pump.done():
-            _raise_from(queue.get_nowait(), store)
-        yield WatchEvent(None)
-        while True:
-            changes = await _next_batch(queue, store)
-            names = await asyncio.to_thread(store._changed_names, changes, identity)
-            if names:
-                yield WatchEvent(frozenset(names))
-    finally:
-        stop.set()  # the watcher thread notices within one step
-        await _reap(pump)
-
-
-async def _pump(store: FileStore, stop: asyncio.Event, queue: asyncio.Queue[object]) -> None:
-    """Feed watchfiles' batches into ``queue``; an exception or _END ends the stream."""
-    try:
-        async for changes in awatch(
-            store._secrets,
-            watch_filter=None,  # the default filter drops names like node_modules/ or *~
-            debounce=store.watch_debounce_ms,
-            step=store.watch_step_ms,
-            stop_event=stop,
-            # Wake up periodically even without changes, to notice the
-            # directory being moved away or replaced (inotify would go quiet).
-            rust_timeout=store.watch_check_interval_ms,
-            yield_on_timeout=True,
-        ):
-            queue.put_nowait(changes)
-    except Exception as exc:  # handed over to the consumer, which raises it
-        queue.put_nowait(exc)
-    finally:
-        queue.put_nowait(_END)
-
-
-async def _next_batch(queue: asyncio.Queue[object], store: FileStore) -> _Batch:
-    """The next batch, merged with any that queued up while the consumer was busy."""
-    item = await queue.get()
-    merged: _Batch = set()
-    while True:
-        if not isinstance(item, set):
-            _raise_from(item, store)
-        merged |= item
-        if queue.empty():
-            return merged
-        item = queue.get_nowait()
-
-
-def _raise_from(item: object, store: FileStore) -> NoReturn:
-    if isinstance(item, BaseException):
-        raise BackendUnavailable(
-            f"watching {store._secrets} failed: {type(item).__name__}: {item}"
-        ) from item
-    raise BackendUnavailable(f"watching {store._secrets} stopped unexpectedly")
-
-
-async def _reap(pump: asyncio.Task[None]) -> None:
-    """Wait for the pump to end after ``stop`` was set; cancel it if it does not."""
-    _done, pending = await asyncio.wait({pump}, timeout=5.0)
-    if pending:
-        pump.cancel()
-        await asyncio.wait({pump})
