@@ -1,6 +1,6 @@
 """Read a secret from a running agent with the standard-library client.
 
-    SECRETS_AGENT_SOCKET=demo/agent.sock python examples/read_secret.py demo/db password
+SECRETS_AGENT_SOCKET=demo/agent.sock python examples/read_secret.py demo/db password
 """
 
 from __future__ import annotations
