@@ -22,6 +22,8 @@ from agent.errors import AgentError, ConfigError
 from agent.logsetup import setup_logging
 from agent.metrics import Metrics
 from agent.refresh import Refresher, matches
+from agent.render.renderer import Renderer
+from agent.render.sources import CacheSource
 from agent.server.access import AccessPolicy
 from agent.server.app import STATE, ServerState, build_app, metrics
 from agent.server.tcp import start_tcp_listener
@@ -60,6 +62,15 @@ class Daemon:
             region=getattr(config.store, "region", None) or "local",
         )
         self.state.status_providers.append(lambda: {"audit": self.audit.status()})
+        self.renderer = Renderer(
+            config.templates,
+            CacheSource(self.cache),
+            render_config=config.render,
+            metrics=self.metrics,
+            audit=self.audit,
+        )
+        self.cache.subscribe(self.renderer.on_secret_changed)
+        self.state.status_providers.append(self.renderer.status)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
@@ -74,12 +85,14 @@ class Daemon:
         """Serve until :attr:`shutdown` is set; clean up everything started."""
         self._install_signals()
         try:
+            await self.renderer.probe()
             await self._start_listeners()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self._startup_load()),
                     tg.create_task(self.refresher.run()),
                     tg.create_task(self._watch_config()),
+                    tg.create_task(self.renderer.run()),
                     *(tg.create_task(t()) for t in self.background),
                 ]
                 await self.shutdown.wait()
@@ -88,6 +101,7 @@ class Daemon:
                     task.cancel()
         finally:
             await self._stop_listeners()
+            await self.renderer.cleanup()
             await self.cache.aclose()
             await self.core.aclose()
             await self.audit.aclose()
@@ -210,6 +224,8 @@ class Daemon:
         self.refresher.patterns = tuple(new.secrets)
         self.refresher.settings = new.refresh
         self.cache.settings = new.refresh
+        self.renderer.render_config = new.render
+        self.renderer.reconfigure(new.templates)
         for hook in self.reload_hooks:
             hook(new)
         self.config = new.model_copy(

@@ -1,0 +1,1 @@
+"""Rendering secrets to files: formats, atomic writers, the tmpfs guard, notification."""

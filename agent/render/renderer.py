@@ -1,0 +1,265 @@
+"""The renderer: one task per template, re-rendering when its secrets change.
+
+A render reads the template's secrets from a :class:`SecretSource` (the
+agent's cache, or the store directly for ``render --once``), renders them,
+and writes only if the output differs. A failed render keeps the last good
+file, is logged naming the template and the reason (never a value), and is
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent.config import RenderConfig, TemplateConfig
+from agent.errors import AgentError, ConfigError
+from agent.metrics import Metrics
+from agent.refresh import Backoff
+from agent.render import writer
+from agent.render.formats import RenderError, render
+from agent.render.notify import Notifier
+from agent.types import Secret, utcnow
+
+if TYPE_CHECKING:
+    from agent.audit import Auditor
+
+log = logging.getLogger(__name__)
+
+
+class SecretSource(Protocol):
+    """Where a renderer reads secrets from."""
+
+    async def get(
+        self, name: str, *, stage: str | None = None, version: str | None = None
+    ) -> Secret:
+        """The secret at ``stage`` (default CURRENT) or ``version``; raises AgentError."""
+        ...
+
+
+@dataclass(eq=False)
+class _Template:
+    index: int
+    cfg: TemplateConfig
+    notifier: Notifier
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    renders: int = 0
+    last_render: str | None = None
+    error: str | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"templates[{self.index}] ({self.cfg.destination})"
+
+    def uses(self, name: str) -> bool:
+        return any(sel.name == name for sel in self.cfg.selectors)
+
+
+class Renderer:
+    """Renders every configured template and keeps the files current."""
+
+    def __init__(
+        self,
+        templates: Sequence[TemplateConfig],
+        source: SecretSource,
+        *,
+        render_config: RenderConfig,
+        metrics: Metrics,
+        child_pid: Callable[[], int | None] | None = None,
+        audit: Auditor | None = None,
+    ) -> None:
+        self.source = source
+        self.render_config = render_config
+        self.metrics = metrics
+        self.child_pid = child_pid
+        self.audit = audit
+        self._templates = [self._new(i, cfg) for i, cfg in enumerate(templates)]
+        self._group: asyncio.TaskGroup | None = None
+
+    def _new(self, index: int, cfg: TemplateConfig) -> _Template:
+        where = f"templates[{index}] ({cfg.destination})"
+        notifier = Notifier(
+            cfg.on_change, cfg.wait, where=where, metrics=self.metrics, child_pid=self.child_pid
+        )
+        return _Template(index, cfg, notifier)
+
+    # ---------------------------------------------------------------- one pass
+
+    async def probe(self) -> None:
+        """Check every destination now: tmpfs, symlinks, allowed dirs, writable.
+
+        Raises:
+            ConfigError: naming ``templates[i]`` and the reason.
+        """
+        for t in self._templates:
+            try:
+                await asyncio.to_thread(self._probe_one, t.cfg)
+            except RenderError as exc:
+                raise ConfigError(exc.message, path=t.where) from None
+
+    def _probe_one(self, cfg: TemplateConfig) -> None:
+        dest = cfg.destination
+        writer.check_destination(
+            dest, allow_disk=cfg.allow_disk, allowed_dirs=self.render_config.allowed_dirs
+        )
+        removed = writer.remove_stale_temps(dest)
+        if removed:
+            log.info("removed %d temporary files a crash left beside %s", removed, dest)
+        writer.probe(dest)
+        if cfg.owner is not None or cfg.group is not None:
+            writer.resolve_owner(cfg.owner, cfg.group)
+
+    async def render_one(self, t: _Template) -> bool:
+        """Render ``t`` once; return whether a file changed. Raises AgentError or OSError."""
+        cfg = t.cfg
+        secrets = {}
+        for sel in cfg.selectors:
+            secrets[sel.name] = await self.source.get(
+                sel.name, stage=sel.stage, version=sel.version
+            )
+        text = cfg.template
+        if cfg.template_file is not None:
+            text = await asyncio.to_thread(cfg.template_file.read_text, encoding="utf-8")
+        output = render(cfg, secrets, template_text=text)
+        changed = await asyncio.to_thread(self._write, cfg, output)
+        t.renders += 1
+        t.last_render = utcnow().isoformat()
+        t.error = None
+        self.metrics.renders.labels("written" if changed else "unchanged").inc()
+        if changed and self.audit is not None:
+            for name, secret in secrets.items():
+                self.audit.record(
+                    "rendered",
+                    secret=name,
+                    version=secret.version_id,
+                    outcome="written",
+                    reason=str(cfg.destination),
+                )
+        return changed
+
+    def _write(self, cfg: TemplateConfig, output: bytes | dict[str, bytes]) -> bool:
+        writer.check_destination(
+            cfg.destination, allow_disk=cfg.allow_disk, allowed_dirs=self.render_config.allowed_dirs
+        )
+        owner = writer.resolve_owner(cfg.owner, cfg.group)
+        if isinstance(output, dict):
+            return writer.write_files(cfg.destination, output, mode=cfg.mode, owner=owner)
+        return writer.write_file(cfg.destination, output, mode=cfg.mode, owner=owner)
+
+    def _failed(self, t: _Template, exc: Exception) -> str:
+        reason = (
+            exc.message
+            if isinstance(exc, AgentError)
+            else (f"{exc.strerror or exc}" if isinstance(exc, OSError) else type(exc).__name__)
+        )
+        message = f"{t.where}: {reason}"
+        t.error = message
+        self.metrics.renders.labels("error").inc()
+        return message
+
+    async def render_all(self) -> list[str]:
+        """Render every template once; return one message per failure (empty: all good)."""
+        failures = []
+        for t in self._templates:
+            try:
+                await self.render_one(t)
+            except (AgentError, OSError) as exc:
+                failures.append(self._failed(t, exc))
+        return failures
+
+    # --------------------------------------------------------------- long-running
+
+    def on_secret_changed(self, name: str) -> None:
+        """Schedule a re-render of every template that uses ``name``."""
+        for t in self._templates:
+            if t.uses(name):
+                t.dirty.set()
+
+    async def run(self) -> None:
+        """Render now and on every change, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for t in self._templates:
+                self._start(t)
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self._group = None
+
+    def _start(self, t: _Template) -> None:
+        assert self._group is not None
+        t.dirty.set()
+        t.tasks = [
+            self._group.create_task(self._loop(t)),
+            self._group.create_task(t.notifier.run()),
+        ]
+
+    async def _loop(self, t: _Template) -> None:
+        backoff = Backoff(initial=1.0, maximum=60.0, jitter=0.1)
+        while True:
+            await t.dirty.wait()
+            t.dirty.clear()
+            try:
+                changed = await self.render_one(t)
+            except (AgentError, OSError) as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "render failed, keeping the last good file: %s; retry in %.1fs",
+                    self._failed(t, exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                t.dirty.set()
+                continue
+            backoff.reset()
+            if changed:
+                log.info("%s rendered", t.where)
+                t.notifier.changed()
+
+    def reconfigure(self, templates: Sequence[TemplateConfig]) -> None:
+        """Apply a reloaded ``templates:`` list: unchanged ones keep running."""
+        old = {t.cfg: t for t in self._templates}
+        new_list = []
+        for i, cfg in enumerate(templates):
+            t = old.pop(cfg, None)
+            if t is None:
+                t = self._new(i, cfg)
+                if self._group is not None:
+                    self._start(t)
+            t.index = i
+            new_list.append(t)
+        for t in old.values():
+            for task in t.tasks:
+                task.cancel()
+        self._templates = new_list
+
+    def status(self) -> dict[str, Any]:
+        """Per-template status for ``/v1/status`` (never values)."""
+        return {
+            "templates": [
+                {
+                    "destination": str(t.cfg.destination),
+                    "format": t.cfg.format,
+                    "renders": t.renders,
+                    "last_render": t.last_render,
+                    "error": t.error,
+                    "notifications": t.notifier.sent,
+                }
+                for t in self._templates
+            ]
+        }
+
+    async def cleanup(self) -> None:
+        """Remove rendered files if ``render.cleanup_on_exit`` is set."""
+        if not self.render_config.cleanup_on_exit:
+            return
+        for t in self._templates:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(
+                    writer.remove_output, t.cfg.destination, files_format=t.cfg.format == "files"
+                )
