@@ -1,0 +1,57 @@
+"""The running agent renders on start and on rotation; ``render --once`` exits 0 or 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from tests.agentenv import AgentEnv
+
+
+async def test_the_agent_renders_at_start_and_on_rotation(env: AgentEnv, tmpfs: Path) -> None:
+    dest = tmpfs / "pw"
+    env.put("prod/db", '{"password": "one"}')
+    env.configure(templates=[{"destination": str(dest), "secret": "prod/db", "key": "password"}])
+    async with env.running() as agent:
+        for _ in range(500):
+            if dest.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert dest.read_bytes() == b"one"
+        env.put("prod/db", '{"password": "two"}')
+        for _ in range(500):
+            if dest.read_bytes() == b"two":
+                break
+            await asyncio.sleep(0.01)
+        assert dest.read_bytes() == b"two"
+        _, _, body = await agent.get("/v1/status")
+        templates = json.loads(body)["templates"]
+        assert templates[0]["destination"] == str(dest) and templates[0]["error"] is None
+
+
+def test_a_bad_destination_stops_the_agent_at_start(env: AgentEnv, tmp_path: Path) -> None:
+    env.put("prod/db", "v")
+    env.configure(
+        templates=[
+            {"destination": str(tmp_path / "nodir" / "pw"), "secret": "prod/db", "allow_disk": True}
+        ]
+    )
+    code, _, err = env.cli("run")
+    assert code == 2
+    assert "templates[0]" in err and "does not exist" in err
+
+
+def test_render_once_exits_0_or_1_naming_the_failure(env: AgentEnv, tmpfs: Path) -> None:
+    env.put("prod/db", '{"password": "pw"}')
+    env.configure(
+        templates=[{"destination": str(tmpfs / "pw"), "secret": "prod/db", "key": "password"}]
+    )
+    assert env.cli("render", "--once")[0] == 0
+    assert (tmpfs / "pw").read_bytes() == b"pw"
+    env.configure(
+        templates=[{"destination": str(tmpfs / "pw"), "secret": "prod/db", "key": "nope"}]
+    )
+    code, _, err = env.cli("render", "--once")
+    assert code == 1 and "templates[0]" in err and "no key 'nope'" in err
+    assert (tmpfs / "pw").read_bytes() == b"pw"

@@ -1,0 +1,111 @@
+"""Each format's exact bytes, and errors that name keys, never values."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import TemplateConfig
+from agent.render.formats import RenderError, render
+from tests.render.conftest import make_secret
+
+DB = '{"username": "app", "password": "p w$\\"`x", "port": 5432}'
+
+
+def _cfg(**kw: object) -> TemplateConfig:
+    return TemplateConfig.model_validate({"destination": "/dev/shm/x", "secret": "db", **kw})
+
+
+def _render(value: str = DB, **kw: object) -> bytes | dict[str, bytes]:
+    cfg = _cfg(**kw)
+    text = kw.get("template")
+    return render(
+        cfg, {"db": make_secret("db", value)}, template_text=text if isinstance(text, str) else None
+    )
+
+
+def test_raw_is_the_value_or_one_key() -> None:
+    assert _render() == DB.encode()
+    assert _render(key="password") == b'p w$"`x'
+    assert _render(key="port") == b"5432"
+
+
+def test_json_pretty_prints_the_object() -> None:
+    assert _render(format="json") == (
+        b'{\n  "username": "app",\n  "password": "p w$\\"`x",\n  "port": 5432\n}\n'
+    )
+
+
+def test_dotenv_quotes_and_escapes() -> None:
+    assert _render(format="dotenv") == (b'username="app"\npassword="p w\\$\\"\\`x"\nport="5432"\n')
+
+
+def test_yaml_keeps_key_order() -> None:
+    assert _render(format="yaml") == b'username: app\npassword: p w$"`x\nport: 5432\n'
+
+
+def test_files_gives_one_file_per_key() -> None:
+    assert _render(format="files") == {"username": b"app", "password": b'p w$"`x', "port": b"5432"}
+
+
+def test_template_with_filters() -> None:
+    text = (
+        "user={{ secrets['db'].username }} pw={{ secret('db', 'password') | shell_quote }}"
+        " b64={{ 'ab' | b64encode }} env={{ secrets['db'].password | env_quote }}\n"
+        "{{ secrets['db'] | tojson }}|{{ {'a': 1} | toyaml }}"
+    )
+    out = _render(format="template", template=text, secret=None, secrets=["db"])
+    assert out == (
+        b'user=app pw=\'p w$"`x\' b64=YWI= env="p w\\$\\"\\`x"\n'
+        b'{"username": "app", "password": "p w$\\"`x", "port": 5432}|a: 1\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"key": "pasword"}, "secret 'db': the secret has no key 'pasword'"),
+        (
+            {
+                "format": "template",
+                "template": "{{ secrets['db'].pasword }}",
+                "secret": None,
+                "secrets": ["db"],
+            },
+            "has no attribute 'pasword'",
+        ),
+        (
+            {"format": "template", "template": "{{ nope }}", "secret": None, "secrets": ["db"]},
+            "'nope' is undefined",
+        ),
+        (
+            {
+                "format": "template",
+                "template": "{{ secret('other') }}",
+                "secret": None,
+                "secrets": ["db"],
+            },
+            "does not list",
+        ),
+    ],
+)
+def test_errors_name_the_problem_never_the_value(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(RenderError) as info:
+        _render(**kw)
+    assert message in info.value.message
+    assert "p w$" not in info.value.message
+
+
+def test_dotenv_and_files_need_an_object_and_safe_names() -> None:
+    with pytest.raises(RenderError, match="needs secret 'db' to be a JSON object"):
+        _render("plain text", format="dotenv")
+    with pytest.raises(RenderError, match="not a valid environment variable name"):
+        _render('{"bad-name": "x"}', format="dotenv")
+    with pytest.raises(RenderError, match="not a safe file name"):
+        _render('{"../etc": "x"}', format="files")
+
+
+def test_sandbox_blocks_attribute_escapes() -> None:
+    with pytest.raises(RenderError):
+        _render(
+            format="template", template="{{ ''.__class__.__mro__ }}", secret=None, secrets=["db"]
+        )
