@@ -55,3 +55,25 @@ def test_render_once_exits_0_or_1_naming_the_failure(env: AgentEnv, tmpfs: Path)
     code, _, err = env.cli("render", "--once")
     assert code == 1 and "templates[0]" in err and "no key 'nope'" in err
     assert (tmpfs / "pw").read_bytes() == b"pw"
+
+
+async def test_a_reload_adds_and_removes_templates(env: AgentEnv, tmpfs: Path) -> None:
+    env.put("prod/db", '{"password": "pw"}')
+    first, second = tmpfs / "first", tmpfs / "second"
+    env.configure(templates=[{"destination": str(first), "secret": "prod/db", "key": "password"}])
+    async with env.running() as agent:
+        for _ in range(500):
+            if first.exists():
+                break
+            await asyncio.sleep(0.01)
+        env.configure(
+            templates=[{"destination": str(second), "secret": "prod/db", "format": "json"}]
+        )
+        agent.daemon.request_reload()
+        for _ in range(500):
+            if second.exists():
+                break
+            await asyncio.sleep(0.01)
+        assert json.loads(second.read_bytes()) == {"password": "pw"}
+        _, _, body = await agent.get("/v1/status")
+        assert [t["destination"] for t in json.loads(body)["templates"]] == [str(second)]
