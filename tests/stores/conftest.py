@@ -74,10 +74,25 @@ async def _memory_store(
         await store.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _etcd_store(
+    request: pytest.FixtureRequest, namespace: str, scratch: dict[str, Any]
+) -> AsyncIterator[WritableStore]:
+    from agent.stores.etcd import EtcdStore
+
+    server = request.getfixturevalue("etcd_server")
+    store = EtcdStore(server.endpoint, prefix=f"/t/{namespace}", store_id="test")
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 #: Every store kind the contract suite runs against, by name.
 STORE_KINDS: dict[str, StoreKind] = {
     "file": StoreKind(_file_store),
     "memory": StoreKind(_memory_store),
+    "etcd": StoreKind(_etcd_store, marks=(pytest.mark.integration,)),
 }
 
 
