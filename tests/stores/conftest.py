@@ -88,11 +88,36 @@ async def _etcd_store(
         await store.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _s3_store(
+    request: pytest.FixtureRequest, namespace: str, scratch: dict[str, Any]
+) -> AsyncIterator[WritableStore]:
+    from agent.stores.s3 import S3Store
+
+    server = request.getfixturevalue("moto_server")
+    bucket = "contract-" + namespace.lower().replace("_", "-")[:40]
+    if bucket not in scratch:
+        import boto3
+
+        boto3.client("s3", region_name="us-east-1", endpoint_url=server.endpoint_url).create_bucket(
+            Bucket=bucket
+        )
+        scratch[bucket] = True
+    store = S3Store(
+        bucket, prefix="t", store_id="test", region="us-east-1", endpoint_url=server.endpoint_url
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 #: Every store kind the contract suite runs against, by name.
 STORE_KINDS: dict[str, StoreKind] = {
     "file": StoreKind(_file_store),
     "memory": StoreKind(_memory_store),
     "etcd": StoreKind(_etcd_store, marks=(pytest.mark.integration,)),
+    "s3": StoreKind(_s3_store, marks=(pytest.mark.integration,)),
 }
 
 
