@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 
 from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, open_envelope, parse
@@ -15,7 +16,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.stores.base import SecretStore, StageState
-from agent.types import Secret, SecretValue
+from agent.types import Secret, SecretValue, ValueType
 
 
 def refusal_reason(exc: DecryptionError) -> str:
@@ -76,9 +77,9 @@ class Resolver:
         stages: tuple[str, ...] = (),
     ) -> Secret:
         """Decrypt an envelope already read from the store (see :meth:`fetch`)."""
-        from datetime import datetime
-
         assert isinstance(created_at, datetime)
+        if getattr(self.store, "plaintext", False):
+            return self._plain(name, version_id, envelope, created_at, stages)
         expected = EnvelopeContext(name, version_id, self.store.store_id)
         try:
             env = parse(envelope, where=expected.describe())
@@ -100,6 +101,29 @@ class Resolver:
             created_at=created_at,
             value=SecretValue(plaintext),
             value_type=env.value_type,
+            stages=stages,
+        )
+
+    def _plain(
+        self,
+        name: str,
+        version_id: str,
+        stored: bytes,
+        created_at: datetime,
+        stages: tuple[str, ...],
+    ) -> Secret:
+        """A value from a store that holds plaintext (``client_side_encryption: false``).
+
+        Such stores prefix the value with one byte: 0 for text, 1 for binary.
+        """
+        value_type: ValueType = "binary" if stored[:1] == b"\x01" else "string"
+        self.metrics.decrypts.labels("plaintext").inc()
+        return Secret(
+            name=name,
+            version_id=version_id,
+            created_at=created_at,
+            value=SecretValue(stored[1:]),
+            value_type=value_type,
             stages=stages,
         )
 

@@ -112,12 +112,32 @@ async def _s3_store(
         await store.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _sm_store(
+    request: pytest.FixtureRequest, namespace: str, scratch: dict[str, Any]
+) -> AsyncIterator[WritableStore]:
+    from agent.stores.aws_sm import SecretsManagerStore
+
+    server = request.getfixturevalue("moto_server")
+    store = SecretsManagerStore(
+        store_id="test",
+        region="us-east-1",
+        endpoint_url=server.endpoint_url,
+        name_prefix=f"{namespace}/",
+    )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 #: Every store kind the contract suite runs against, by name.
 STORE_KINDS: dict[str, StoreKind] = {
     "file": StoreKind(_file_store),
     "memory": StoreKind(_memory_store),
     "etcd": StoreKind(_etcd_store, marks=(pytest.mark.integration,)),
     "s3": StoreKind(_s3_store, marks=(pytest.mark.integration,)),
+    "aws-secretsmanager": StoreKind(_sm_store, marks=(pytest.mark.integration,)),
 }
 
 
