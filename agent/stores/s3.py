@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.aws import AwsClient, error_code, map_error
 from agent.config import AgentConfig, S3StoreConfig
 from agent.errors import (
     AgentError,
@@ -32,7 +33,6 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores._aws import AwsClient, error_code, map_error
 from agent.stores.base import StageState, StoredVersion
 from agent.types import (
     STAGE_ALIASES,
