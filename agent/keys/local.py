@@ -167,6 +167,18 @@ class LocalKeyProvider:
         self._keyring = keyring
         return self._info(keyring.keys[self.key_name], version)
 
+    async def is_current(self, wrapped: WrappedKey) -> bool:
+        """Whether ``wrapped`` was made by the primary version of the configured key."""
+        if wrapped.provider != self.name or wrapped.key != self.key_name:
+            return False
+        keyring = await self._current()
+        key = self._key(keyring, self.key_name)
+        try:
+            _, version = _HEADER.unpack(wrapped.wrapped[: _HEADER.size])
+        except struct.error:
+            return False
+        return bool(version == key.primary)
+
     async def aclose(self) -> None:
         """Forget the loaded keyring."""
         self._keyring = None
