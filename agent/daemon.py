@@ -62,6 +62,7 @@ class Daemon:
             region=getattr(config.store, "region", None) or "local",
         )
         self.state.status_providers.append(lambda: {"audit": self.audit.status()})
+        self.state.status_providers.append(self._key_status)
         self.renderer = Renderer(
             config.templates,
             CacheSource(self.cache),
@@ -78,6 +79,14 @@ class Daemon:
         self.reload_hooks: list[Callable[[AgentConfig], None]] = []
         #: Extra long-running coroutines (renderer, rotation), owned by the TaskGroup.
         self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+
+    def _key_status(self) -> dict[str, Any]:
+        """Each key provider's last error and key (never key material), for /v1/status."""
+        out = []
+        for name, provider in self.core.providers.items():
+            report = getattr(provider, "status", None)
+            out.append(report() if callable(report) else {"provider": name, "last_error": None})
+        return {"keys": out}
 
     # ----------------------------------------------------------------- lifecycle
 

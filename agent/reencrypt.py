@@ -27,7 +27,7 @@ class ReencryptReport:
     rewrapped: int = 0
     skipped: int = 0
     conflicts: int = 0
-    unwraps: int = 0
+    datakey_lookups: int = 0
     wraps: dict[str, int] = field(default_factory=dict)
 
 
@@ -76,7 +76,7 @@ class Reencryptor:
             self.report.skipped += 1
             return
         dek = await self.core.datakeys.unwrap(envelope.keys, store_id=store.store_id)
-        self.report.unwraps += 1
+        self.report.datakey_lookups += 1
         digest = hashlib.sha256(dek).digest()
         new_keys = []
         for target in self.targets:

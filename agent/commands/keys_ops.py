@@ -37,7 +37,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     print(
         f"{report.versions} versions: {report.rewrapped} rewrapped, {report.skipped} already "
         f"current, {report.conflicts} changed concurrently (run again); "
-        f"{report.unwraps} data keys unwrapped, wraps {wraps}"
+        f"{report.datakey_lookups} data-key lookups (cached after the first), wraps {wraps}"
     )
     return EXIT_OK
 
