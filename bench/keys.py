@@ -181,10 +181,13 @@ async def reencrypt_run(root: Path, keys: dict[str, Any], count: int) -> dict[st
         {"keys": keys, "write_keys": ["local"], "store": {"type": "file", "path": str(store)}},
         base_dir=root,
     )
-    core = Core.build(config)
-    writer = core.writer()
+    writer_core = Core.build(config)
+    writer = writer_core.writer()
     for i in range(count):
         await writer.put(f"bench/s{i:05d}", f"value-{i}".encode())
+    await writer_core.aclose()
+    core = Core.build(config)  # a cold process, as `secrets-agent reencrypt` is
+    await core.providers["hsm"].create_key()  # type: ignore[attr-defined]
     started = time.perf_counter()
     report = await Reencryptor(core, target_recipients(core, add=["hsm"], remove=["local"])).run(
         None
