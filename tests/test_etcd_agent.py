@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -22,6 +24,18 @@ FAST = {
 }
 
 
+def _put(env: AgentEnv, name: str, value: str) -> int:
+    """``secrets-agent put`` in its own process, as a writer elsewhere would run it.
+
+    (Not in-process: grpc's asyncio support is tied to one event loop per
+    process, and the agent under test already runs one.)
+    """
+    proc = subprocess.run([sys.executable, "-m", "agent", "-c", str(env.config_path), "put",
+                           name, "--value", value], capture_output=True, timeout=60,
+                          check=False)
+    return proc.returncode
+
+
 def _on_etcd(env: AgentEnv, server: Any) -> None:
     env.configure(
         store={
@@ -36,10 +50,10 @@ def _on_etcd(env: AgentEnv, server: Any) -> None:
 
 async def test_a_rotation_in_etcd_is_pushed_to_the_agent(env: AgentEnv, etcd_server: Any) -> None:
     _on_etcd(env, etcd_server)
-    env.put("db", "v1")
+    assert _put(env, "db", "v1") == 0
     async with env.running() as agent:
         assert await agent.value("db") == b"v1"
-        env.put("db", "v2")
+        assert await asyncio.to_thread(_put, env, "db", "v2") == 0
         await agent.eventually("db", b"v2", timeout=10)
         assert await agent.value("db", stage="PREVIOUS") == b"v1"
         watch_events = agent.daemon.metrics.registry.get_sample_value(
@@ -52,7 +66,7 @@ async def test_an_etcd_outage_is_served_stale_and_a_rotation_after_it_is_picked_
     env: AgentEnv, etcd_server: Any
 ) -> None:
     _on_etcd(env, etcd_server)
-    env.put("db", "v1")
+    assert _put(env, "db", "v1") == 0
     async with env.running() as agent:
         assert await agent.value("db") == b"v1"
         etcd_server.stop()
@@ -69,7 +83,7 @@ async def test_an_etcd_outage_is_served_stale_and_a_rotation_after_it_is_picked_
         finally:
             etcd_server.start()
         for _ in range(100):  # the writer retries until etcd answers again
-            code, _, _ = await asyncio.to_thread(env.cli, "put", "db", "--value", "v2")
+            code = await asyncio.to_thread(_put, env, "db", "v2")
             if code == 0:
                 break
             await asyncio.sleep(0.1)

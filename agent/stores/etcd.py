@@ -89,15 +89,35 @@ class EtcdStore:
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self.metrics = metrics
-        self._client = aetcd.Client(
-            host=host or "127.0.0.1",
-            port=int(port or 2379),
-            username=username,
-            password=password,
-            timeout=max(1, round(timeout)),
-        )
+        self._target = (host or "127.0.0.1", int(port or 2379), username, password)
+        self._client = self._new_client()
         self._connected = False
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Future[None]] = set()
+
+    def _new_client(self) -> aetcd.Client:
+        host, port, username, password = self._target
+        # gRPC backs off reconnecting for up to 2 minutes by default: after a long
+        # outage that would delay noticing etcd is back far past our own backoff.
+        return aetcd.Client(
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            timeout=max(1, round(self.timeout)),
+            options={
+                "grpc.initial_reconnect_backoff_ms": 100,
+                "grpc.min_reconnect_backoff_ms": 100,
+                "grpc.max_reconnect_backoff_ms": 1000,
+            },
+        )
+
+    def _reset(self) -> None:
+        """Start over with a fresh channel after a connection failure."""
+        old, self._client, self._connected = self._client, self._new_client(), False
+        task = asyncio.ensure_future(_close_quietly(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @classmethod
     def from_config(
@@ -145,6 +165,15 @@ class EtcdStore:
             raise AccessDenied(f"etcd refused our credentials ({operation})") from None
         except (aetcd.exceptions.ClientError, TimeoutError, OSError) as exc:
             self._count(operation, "unavailable")
+            if isinstance(
+                exc,
+                (
+                    aetcd.exceptions.ConnectionFailedError,
+                    aetcd.exceptions.ConnectionTimeoutError,
+                    TimeoutError,
+                ),
+            ):
+                self._reset()
             raise BackendUnavailable(
                 f"etcd unavailable during {operation}: {type(exc).__name__}"
             ) from None
@@ -357,9 +386,15 @@ class EtcdStore:
 
     async def aclose(self) -> None:
         if self._connected:
-            with contextlib.suppress(Exception):
-                await self._client.close()
+            await _close_quietly(self._client)
             self._connected = False
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 def _wrap(envelope: bytes, created: datetime) -> bytes:
