@@ -85,4 +85,4 @@ async def test_envelopes_in_secrets_manager_round_trip_through_the_agent(
         assert await agent.value("prod/db") == b"v2"
         assert await agent.value("prod/db", stage="PREVIOUS") == b"v1"
         env.put("prod/db", "v3")
-        await agent.eventually("prod/db", b"v3", timeout=10)
+        await agent.eventually("prod/db", b"v3", timeout=30)  # polling every 1 s

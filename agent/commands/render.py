@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 from agent.client import ClientError, SecretsClient
@@ -16,6 +18,7 @@ from agent.metrics import Metrics
 from agent.render.exec import ExecRunner, Reference, field_text, parse_reference
 from agent.render.renderer import Renderer
 from agent.render.sources import StoreSource
+from agent.types import CURRENT, normalize_stage
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -55,27 +58,65 @@ def _socket_client(args: argparse.Namespace, config: AgentConfig | None) -> Secr
     return client if status == 200 else None
 
 
+class _SocketResolver:
+    """Values and cheap version checks through a running agent's socket."""
+
+    def __init__(self, client: SecretsClient) -> None:
+        self.client = client
+
+    async def resolve(self, ref: Reference) -> tuple[str, str]:
+        doc = await asyncio.to_thread(self.client.describe, ref.name, stage=ref.stage)
+        if "value_base64" in doc:
+            value = base64.b64decode(doc["value_base64"])
+        else:
+            value = str(doc.get("value", "")).encode()
+        return field_text(value, ref), str(doc["version_id"])
+
+    async def versions(self, refs: Sequence[Reference]) -> dict[str, str]:
+        """One ``GET /v1/secrets`` (no values) for all references; describe the unlisted."""
+        listed = await asyncio.to_thread(self.client.list_secrets)
+        stages = {item["name"]: item.get("stages") or {} for item in listed}
+        out = {}
+        for ref in refs:
+            version = stages.get(ref.name, {}).get(ref.stage or CURRENT)
+            out[ref.var] = str(version) if version else (await self.resolve(ref))[1]
+        return out
+
+
+class _StoreResolver:
+    """Values from the store; version checks read only the stage maps."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.source = StoreSource(core)
+
+    async def resolve(self, ref: Reference) -> tuple[str, str]:
+        secret = await self.source.get(ref.name, stage=ref.stage)
+        return field_text(secret.value.reveal(), ref), secret.version_id
+
+    async def versions(self, refs: Sequence[Reference]) -> dict[str, str]:
+        out = {}
+        for ref in refs:
+            state = await self.core.store.read_stages(ref.name)
+            out[ref.var] = str(state.stages.get(normalize_stage(ref.stage or CURRENT)))
+        return out
+
+
 async def _exec(args: argparse.Namespace, refs: list[Reference], config: AgentConfig | None) -> int:
     client = _socket_client(args, config)
     core = Core.build(config) if client is None and config is not None else None
-    if client is None and core is None:
+    resolver: _SocketResolver | _StoreResolver
+    if client is not None:
+        resolver = _SocketResolver(client)
+    elif core is not None:
+        resolver = _StoreResolver(core)
+    else:
         raise BadRequest("no agent socket answers and no config to read the store with")
-    source = StoreSource(core) if core is not None else None
-
-    async def resolve(ref: Reference) -> tuple[str, str]:
-        if client is not None:
-            doc = await asyncio.to_thread(client.describe, ref.name, stage=ref.stage)
-            raw = doc.get("value")
-            value = raw.encode() if isinstance(raw, str) else b""
-            return field_text(value, ref), str(doc["version_id"])
-        assert source is not None
-        secret = await source.get(ref.name, stage=ref.stage)
-        return field_text(secret.value.reveal(), ref), secret.version_id
-
     runner = ExecRunner(
         args.command,
         refs,
-        resolve,
+        resolver.resolve,
+        versions=resolver.versions,
         restart_on_change=args.restart_on_change,
         stop_signal=signal.Signals[args.stop_signal],
         stop_timeout=parse_duration(args.stop_timeout),

@@ -46,28 +46,45 @@ class Reference:
 
 
 def parse_reference(spec: str) -> Reference:
-    """Parse ``VAR=secret://NAME[#KEY][?stage=S]`` (raises BadRequest)."""
+    """Parse ``VAR=secret://NAME[#KEY][?stage=S]`` (raises BadRequest).
+
+    The ``?stage=`` part may come before or after ``#KEY`` (a key holding
+    ``?`` or ``#`` is written percent-encoded).
+    """
     var, sep, ref = spec.partition("=")
     if not sep or not var.isidentifier() or not ref.startswith("secret://"):
         raise BadRequest(f"--env {spec.split('=')[0]!r}: expected VAR=secret://NAME[#KEY]")
-    parsed = urllib.parse.urlsplit(ref)
-    name = (parsed.netloc + parsed.path).strip()
-    query = urllib.parse.parse_qs(parsed.query)
+    rest, _, fragment = ref.removeprefix("secret://").partition("#")
+    key, _, key_query = fragment.partition("?")
+    name, _, name_query = rest.partition("?")
+    query = urllib.parse.parse_qs("&".join(q for q in (name_query, key_query) if q))
     unknown = set(query) - {"stage"}
     if unknown:
         raise BadRequest(f"--env {var}: unknown option(s) {sorted(unknown)}")
-    stage = normalize_stage(query["stage"][0]) if "stage" in query else None
-    return Reference(var, validate_name(name), parsed.fragment or None, stage)
+    stage = normalize_stage(query["stage"][-1]) if "stage" in query else None
+    return Reference(var, validate_name(name), urllib.parse.unquote(key) or None, stage)
 
 
 #: Resolves a reference to (value, version id).
 Resolve = Callable[[Reference], Awaitable[tuple[str, str]]]
+#: The current version id of each reference, by variable name, without fetching values.
+Versions = Callable[[Sequence[Reference]], Awaitable[dict[str, str]]]
+#: Signals after which the child is not started (again): the user wants it gone.
+TERMINATING = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 
 
 def field_text(value: bytes, ref: Reference) -> str:
     """The environment value for ``ref`` from a secret's bytes (one key if asked)."""
     if ref.key is None:
-        return value.decode("utf-8")
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(
+                f"{ref.var}: secret {ref.name!r} is not UTF-8 text; render it to a file instead"
+            ) from None
+        if "\0" in text:
+            raise BadRequest(f"{ref.var}: secret {ref.name!r} contains a NUL byte")
+        return text
     try:
         doc = json.loads(value)
     except ValueError:
@@ -87,6 +104,7 @@ class ExecRunner:
         refs: Sequence[Reference],
         resolve: Resolve,
         *,
+        versions: Versions | None = None,
         restart_on_change: bool = False,
         stop_signal: int = signal.SIGTERM,
         stop_timeout: float = 10.0,
@@ -95,12 +113,15 @@ class ExecRunner:
         self.argv = list(argv)
         self.refs = list(refs)
         self.resolve = resolve
+        self.versions = versions
         self.restart_on_change = restart_on_change
         self.stop_signal = stop_signal
         self.stop_timeout = stop_timeout
         self.poll = poll
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        #: A terminating signal received: do not start or restart the child.
+        self.stopping: int | None = None
 
     async def _environment(self) -> tuple[dict[str, str], dict[str, str]]:
         env = dict(os.environ)
@@ -112,6 +133,8 @@ class ExecRunner:
         return env, versions
 
     async def _versions(self) -> dict[str, str]:
+        if self.versions is not None:
+            return await self.versions(self.refs)
         return {ref.var: (await self.resolve(ref))[1] for ref in self.refs}
 
     async def run(self) -> int:
@@ -122,8 +145,10 @@ class ExecRunner:
         try:
             while True:
                 env, versions = await self._environment()
+                if self.stopping is not None:
+                    return 128 + self.stopping
                 self.proc = await asyncio.create_subprocess_exec(*self.argv, env=env)
-                if await self._supervise(versions):
+                if await self._supervise(versions) and self.stopping is None:
                     self.restarts += 1
                     continue
                 code = self.proc.returncode
@@ -134,6 +159,8 @@ class ExecRunner:
                 loop.remove_signal_handler(sig)
 
     def _forward(self, sig: int) -> None:
+        if sig in TERMINATING:
+            self.stopping = sig
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
@@ -149,6 +176,8 @@ class ExecRunner:
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout=self.poll)
             if self.proc.returncode is not None:
                 return False
+            if self.stopping is not None:  # the child is being stopped: no restart
+                continue
             try:
                 current = await self._versions()
             except Exception as exc:  # keep the child running while the source is down

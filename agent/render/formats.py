@@ -10,15 +10,15 @@ import base64
 import json
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from agent.config import TemplateConfig
-from agent.errors import AgentError, KeyNotFound
+from agent.errors import AgentError
 from agent.types import Secret
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -33,10 +33,13 @@ class RenderError(AgentError):
 
 
 def _parsed(secret: Secret) -> Any:
-    """The value as JSON if it is a JSON object or array, else as text."""
+    """The value as JSON if it is a JSON object or array, else as text (bytes if not UTF-8)."""
     if secret.value_type == "binary":
         return secret.value.reveal()
-    text = secret.value.text()
+    try:
+        text = secret.value.text()
+    except UnicodeDecodeError:
+        return secret.value.reveal()
     try:
         doc = json.loads(text)
     except ValueError:
@@ -49,6 +52,16 @@ def _object(secret: Secret, fmt: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise RenderError(f"format {fmt!r} needs secret {secret.name!r} to be a JSON object")
     return doc
+
+
+def _key(secret: Secret, key: str) -> Any:
+    """One top-level field of a JSON-object secret (RenderError naming the key, never a value)."""
+    doc = _parsed(secret)
+    if not isinstance(doc, dict):
+        raise RenderError(f"secret {secret.name!r} is not a JSON object, so it has no key {key!r}")
+    if key not in doc:
+        raise RenderError(f"secret {secret.name!r} has no key {key!r}")
+    return doc[key]
 
 
 def _scalar_text(value: Any) -> str:
@@ -73,18 +86,12 @@ def env_quote(value: Any) -> str:
 def render_raw(secret: Secret, key: str | None) -> bytes:
     if key is None:
         return secret.value.reveal()
-    try:
-        return _scalar_text(secret.value.json_key(key)).encode()
-    except KeyNotFound as exc:
-        raise RenderError(f"secret {secret.name!r}: {exc.message}") from None
+    return _scalar_text(_key(secret, key)).encode()
 
 
 def render_json(secret: Secret, key: str | None) -> bytes:
     if key is not None:
-        try:
-            doc = secret.value.json_key(key)
-        except KeyNotFound as exc:
-            raise RenderError(f"secret {secret.name!r}: {exc.message}") from None
+        doc = _key(secret, key)
     else:
         doc = _parsed(secret)
         if isinstance(doc, bytes):
@@ -111,7 +118,7 @@ def render_yaml(secret: Secret) -> bytes:
 def render_files(secret: Secret) -> dict[str, bytes]:
     files = {}
     for name, value in _object(secret, "files").items():
-        if not _FILE_NAME.fullmatch(name) or name.startswith(".."):
+        if not _FILE_NAME.fullmatch(name) or name == "." or name.startswith(".."):
             raise RenderError(f"secret {secret.name!r}: key {name!r} is not a safe file name")
         files[name] = _scalar_text(value).encode()
     return files
@@ -137,36 +144,59 @@ def _environment() -> SandboxedEnvironment:
 _ENV = _environment()
 
 
-def render_template(text: str, secrets: Mapping[str, Secret], *, where: str) -> bytes:
+def render_template(text: str, secrets: Mapping[str, Secret]) -> bytes:
     """Render Jinja2 ``text`` in the sandbox; undefined names are errors.
 
     The template sees ``secrets[name]`` (a JSON object or array parsed, else
-    the text) and ``secret(name, key=None)``.
+    the text) and ``secret(name, key=None)``. Error messages are scrubbed of
+    the secrets' values: a template can use a value as a key or attribute
+    name, and Jinja would then quote it in its "undefined" message.
     """
     values = {name: _parsed(s) for name, s in secrets.items()}
 
     def secret(name: str, key: str | None = None) -> Any:
         if name not in secrets:
             raise RenderError(f"template uses secret {name!r}, which it does not list")
-        if key is None:
-            return values[name]
-        try:
-            return secrets[name].value.json_key(key)
-        except KeyNotFound as exc:
-            raise RenderError(f"secret {name!r}: {exc.message}") from None
+        return values[name] if key is None else _key(secrets[name], key)
 
     try:
         return _ENV.from_string(text).render(secrets=values, secret=secret).encode()
     except UndefinedError as exc:
-        raise RenderError(f"{where}: undefined in template: {exc.message}") from None
+        message = f"undefined in template: {exc.message}"
+    except TemplateSyntaxError as exc:
+        message = f"template syntax error, line {exc.lineno}: {exc.message}"
     except TemplateError as exc:
-        # Jinja's own messages name template constructs, not values.
-        raise RenderError(f"{where}: template error: {type(exc).__name__}: {exc.message}") from None
-    except RenderError:
-        raise
+        message = f"template error: {type(exc).__name__}: {exc.message}"
+    except RenderError as exc:
+        message = exc.message
     except Exception as exc:
         # A filter failed on some value: say which kind of failure, never the value.
-        raise RenderError(f"{where}: template failed: {type(exc).__name__}") from None
+        kind = type(exc)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        message = f"template failed: {name}"
+    raise RenderError(scrub(message, values.values())) from None
+
+
+def _leaves(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _leaves(v)]  # keys are names, not secrets
+    if isinstance(value, list):
+        return [s for v in value for s in _leaves(v)]
+    if isinstance(value, bytes):
+        return [value.decode("utf-8", "replace")]
+    return [_scalar_text(value)]
+
+
+def scrub(message: str, values: Iterable[Any]) -> str:
+    """``message`` with every string in ``values`` (4+ characters) replaced by ``<redacted>``."""
+    leaves = {s for v in values for s in _leaves(v) if len(s) >= 4}
+    for leaf in sorted(leaves, key=len, reverse=True):
+        message = message.replace(leaf, "<redacted>")
+    return message
 
 
 def render(
@@ -175,7 +205,7 @@ def render(
     """The bytes of one template (or, for ``files``, the bytes of each file)."""
     if cfg.format == "template":
         assert template_text is not None
-        return render_template(template_text, secrets, where=str(cfg.destination))
+        return render_template(template_text, secrets)
     (secret,) = secrets.values()
     if cfg.format == "raw":
         return render_raw(secret, cfg.key)

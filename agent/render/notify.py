@@ -122,12 +122,20 @@ class Notifier:
         try:
             code = await asyncio.wait_for(proc.wait(), timeout=limit)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             self.metrics.notifications.labels("command", "timeout").inc()
             log.warning("%s: %s timed out after %.0fs and was killed", self.where, argv[0], limit)
             return
+        except asyncio.CancelledError:  # shutdown or reload: leave no process behind
+            await _kill(proc)
+            raise
         outcome = "ok" if code == 0 else "error"
         self.metrics.notifications.labels("command", outcome).inc()
         level = logging.INFO if code == 0 else logging.WARNING
         log.log(level, "%s changed: %s exited %d", self.where, argv[0], code)
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()

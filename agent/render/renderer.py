@@ -63,6 +63,10 @@ class _Template:
 class Renderer:
     """Renders every configured template and keeps the files current."""
 
+    #: Backoff between retries of a failed render (seconds); a secret change retries at once.
+    retry_initial = 1.0
+    retry_max = 60.0
+
     def __init__(
         self,
         templates: Sequence[TemplateConfig],
@@ -101,18 +105,25 @@ class Renderer:
                 await asyncio.to_thread(self._probe_one, t.cfg)
             except RenderError as exc:
                 raise ConfigError(exc.message, path=t.where) from None
+            except OSError as exc:  # e.g. statfs or a directory scan refused
+                raise ConfigError(str(exc), path=t.where) from None
 
     def _probe_one(self, cfg: TemplateConfig) -> None:
-        dest = cfg.destination
-        writer.check_destination(
-            dest, allow_disk=cfg.allow_disk, allowed_dirs=self.render_config.allowed_dirs
-        )
-        removed = writer.remove_stale_temps(dest)
+        dest, directory = cfg.destination, cfg.format == "files"
+        self._check(cfg)
+        owner = writer.resolve_owner(cfg.owner, cfg.group)
+        removed = writer.remove_stale_temps(dest, directory=directory)
         if removed:
-            log.info("removed %d temporary files a crash left beside %s", removed, dest)
-        writer.probe(dest)
-        if cfg.owner is not None or cfg.group is not None:
-            writer.resolve_owner(cfg.owner, cfg.group)
+            log.info("removed %d leftovers of an interrupted write at %s", removed, dest)
+        writer.probe(dest, owner=owner, directory=directory)
+
+    def _check(self, cfg: TemplateConfig) -> None:
+        writer.check_destination(
+            cfg.destination,
+            allow_disk=cfg.allow_disk,
+            allowed_dirs=self.render_config.allowed_dirs,
+            directory=cfg.format == "files",
+        )
 
     async def render_one(self, t: _Template) -> bool:
         """Render ``t`` once; return whether a file changed. Raises AgentError or OSError."""
@@ -143,20 +154,19 @@ class Renderer:
         return changed
 
     def _write(self, cfg: TemplateConfig, output: bytes | dict[str, bytes]) -> bool:
-        writer.check_destination(
-            cfg.destination, allow_disk=cfg.allow_disk, allowed_dirs=self.render_config.allowed_dirs
-        )
+        self._check(cfg)
         owner = writer.resolve_owner(cfg.owner, cfg.group)
         if isinstance(output, dict):
             return writer.write_files(cfg.destination, output, mode=cfg.mode, owner=owner)
         return writer.write_file(cfg.destination, output, mode=cfg.mode, owner=owner)
 
     def _failed(self, t: _Template, exc: Exception) -> str:
-        reason = (
-            exc.message
-            if isinstance(exc, AgentError)
-            else (f"{exc.strerror or exc}" if isinstance(exc, OSError) else type(exc).__name__)
-        )
+        if isinstance(exc, AgentError):
+            reason = exc.message
+        elif isinstance(exc, OSError):
+            reason = str(exc)  # errno, strerror and file names: no values
+        else:  # a bug or an odd value: the type only, as the message could quote a value
+            reason = f"unexpected {type(exc).__name__}"
         message = f"{t.where}: {reason}"
         t.error = message
         self.metrics.renders.labels("error").inc()
@@ -168,7 +178,7 @@ class Renderer:
         for t in self._templates:
             try:
                 await self.render_one(t)
-            except (AgentError, OSError) as exc:
+            except Exception as exc:  # one bad template must not stop the others
                 failures.append(self._failed(t, exc))
         return failures
 
@@ -200,20 +210,22 @@ class Renderer:
         ]
 
     async def _loop(self, t: _Template) -> None:
-        backoff = Backoff(initial=1.0, maximum=60.0, jitter=0.1)
+        backoff = Backoff(initial=self.retry_initial, maximum=self.retry_max, jitter=0.1)
         while True:
             await t.dirty.wait()
             t.dirty.clear()
             try:
                 changed = await self.render_one(t)
-            except (AgentError, OSError) as exc:
+            except Exception as exc:  # never let one template end the renderer
                 delay = backoff.next_delay()
                 log.warning(
                     "render failed, keeping the last good file: %s; retry in %.1fs",
                     self._failed(t, exc),
                     delay,
                 )
-                await asyncio.sleep(delay)
+                # Retry after the delay, or at once when a secret changes (it may be the fix).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(t.dirty.wait(), timeout=delay)
                 t.dirty.set()
                 continue
             backoff.reset()
@@ -232,6 +244,7 @@ class Renderer:
                 if self._group is not None:
                     self._start(t)
             t.index = i
+            t.notifier.where = t.where
             new_list.append(t)
         for t in old.values():
             for task in t.tasks:

@@ -15,7 +15,7 @@ def _cfg(**kw: object) -> TemplateConfig:
     return TemplateConfig.model_validate({"destination": "/dev/shm/x", "secret": "db", **kw})
 
 
-def _render(value: str = DB, **kw: object) -> bytes | dict[str, bytes]:
+def _render(value: str = DB, /, **kw: object) -> bytes | dict[str, bytes]:
     cfg = _cfg(**kw)
     text = kw.get("template")
     return render(
@@ -63,7 +63,8 @@ def test_template_with_filters() -> None:
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"key": "pasword"}, "secret 'db': the secret has no key 'pasword'"),
+        ({"key": "pasword"}, "secret 'db' has no key 'pasword'"),
+        ({"key": "pasword", "format": "json"}, "secret 'db' has no key 'pasword'"),
         (
             {
                 "format": "template",
@@ -109,3 +110,35 @@ def test_sandbox_blocks_attribute_escapes() -> None:
         _render(
             format="template", template="{{ ''.__class__.__mro__ }}", secret=None, secrets=["db"]
         )
+
+
+def test_a_key_of_a_non_object_secret_is_refused() -> None:
+    with pytest.raises(RenderError, match="secret 'db' is not a JSON object, so it has no key 'k'"):
+        _render("plain text", key="k")
+
+
+def test_a_value_used_as_a_name_in_a_template_is_scrubbed_from_the_error() -> None:
+    """Jinja quotes an undefined attribute's name; here that name is the password."""
+    text = "{{ secrets['db'][secrets['db'].password] }}"
+    with pytest.raises(RenderError) as info:
+        _render(format="template", template=text, secret=None, secrets=["db"])
+    assert "p w$" not in info.value.message
+    assert "has no attribute '<redacted>'" in info.value.message
+
+
+def test_files_refuses_dot_names() -> None:
+    for name in (".", "..", "..data", "a/b"):
+        with pytest.raises(RenderError, match="not a safe file name"):
+            _render(f'{{"{name}": "x"}}', format="files")
+    assert _render('{".dockerconfigjson": "x"}', format="files") == {".dockerconfigjson": b"x"}
+
+
+def test_binary_and_non_utf8_values() -> None:
+    raw = b"\xff\x00bin"
+    cfg = _cfg()
+    assert render(cfg, {"db": make_secret("db", raw, binary=True)}) == raw
+    assert render(cfg, {"db": make_secret("db", raw)}) == raw  # not UTF-8, stored as "string"
+    json_cfg = _cfg(format="json")
+    assert render(json_cfg, {"db": make_secret("db", raw, binary=True)}) == b'"/wBiaW4="\n'
+    with pytest.raises(RenderError, match="needs secret 'db' to be a JSON object"):
+        render(_cfg(format="yaml"), {"db": make_secret("db", raw)})

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.config import OnChangeConfig, RenderConfig, TemplateConfig, WaitConfig
 from agent.metrics import Metrics
@@ -140,3 +143,73 @@ async def test_a_failing_or_hanging_command_is_counted_and_does_not_stop_others(
 
     assert sample("timeout") == 1
     assert sample("error") == 2
+
+
+async def test_ten_rotations_send_one_signal_to_the_exec_child(tmp_path: Path, tmpfs: Path) -> None:
+    """Through the renderer, with no pid configured: the signal goes to ``child_pid()``."""
+    count_file = tmp_path / "count"
+    child = subprocess.Popen([sys.executable, "-c", COUNTER, str(count_file)])
+    source = DictSource({"db": make_secret("db", "v0")})
+    cfg = TemplateConfig.model_validate(
+        {
+            "destination": str(tmpfs / "pw"),
+            "secret": "db",
+            "wait": {"min": "500ms", "max": "10s"},
+            "on_change": {"signal": "SIGHUP"},
+        }
+    )
+    metrics = Metrics()
+    r = Renderer(
+        [cfg], source, render_config=RenderConfig(), metrics=metrics, child_pid=lambda: child.pid
+    )
+    try:
+        await _until(lambda: Path(str(count_file) + ".ready").exists())
+        task = asyncio.create_task(r.run())
+        await _until(lambda: count_file.exists() and count_file.read_text() == "1")
+        for i in range(1, 11):
+            source.secrets["db"] = make_secret("db", f"v{i}", version=f"v{i}")
+            r.on_secret_changed("db")
+            await asyncio.sleep(0.02)
+        await _until(lambda: count_file.read_text() == "2")
+        await asyncio.sleep(1.0)  # well past wait.min: no second signal for the burst
+        assert count_file.read_text() == "2"
+        assert (tmpfs / "pw").read_bytes() == b"v10"
+        ok = metrics.registry.get_sample_value(
+            "secrets_agent_notifications_total", {"kind": "signal", "outcome": "ok"}
+        )
+        assert ok == 2
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+async def test_a_signal_with_no_process_to_receive_it_is_counted() -> None:
+    metrics = Metrics()
+    n = Notifier(OnChangeConfig(signal="SIGHUP"), WaitConfig(), where="t", metrics=metrics)
+    await n.fire()
+    sample = metrics.registry.get_sample_value(
+        "secrets_agent_notifications_total", {"kind": "signal", "outcome": "no_target"}
+    )
+    assert sample == 1
+
+
+async def test_a_command_running_at_shutdown_is_killed_and_reaped(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+    )
+    n = Notifier(
+        OnChangeConfig(command=[sys.executable, "-c", script], timeout=60),
+        WaitConfig(),
+        where="t",
+        metrics=Metrics(),
+    )
+    task = asyncio.create_task(n.fire())
+    await _until(lambda: pid_file.exists() and pid_file.read_text() != "")
+    pid = int(pid_file.read_text())
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
