@@ -30,9 +30,12 @@ def _put(env: AgentEnv, name: str, value: str) -> int:
     (Not in-process: grpc's asyncio support is tied to one event loop per
     process, and the agent under test already runs one.)
     """
-    proc = subprocess.run([sys.executable, "-m", "agent", "-c", str(env.config_path), "put",
-                           name, "--value", value], capture_output=True, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "-c", str(env.config_path), "put", name, "--value", value],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     return proc.returncode
 
 
