@@ -29,6 +29,7 @@ from agent.errors import (
     BackendUnavailable,
     BadRequest,
     DecryptionError,
+    KeyRevoked,
     SecretNotFound,
     StaleTooLong,
     VersionNotFound,
@@ -123,6 +124,7 @@ class SecretCache:
                 raise BadRequest(f"version {version!r} of {name!r} does not carry stage {stage!r}")
         else:
             secret = await self._by_stage(entry, stage or CURRENT)
+        self._check_keys(secret)
         stale = entry.failing_since is not None
         self.metrics.cache_requests.labels("stale" if stale else "hit").inc()
         return Lookup(secret, stale, max(0.0, self.clock() - entry.confirmed_at))
@@ -165,6 +167,30 @@ class SecretCache:
                 }
             )
         return out
+
+    def _check_keys(self, secret: Secret) -> None:
+        """Stop serving a value once every master key it hangs on has been revoked
+        for longer than ``datakeys.max_age`` (as long as its data key could stay cached).
+
+        Raises:
+            KeyRevoked: naming the secret and the keys, never the value.
+        """
+        keys = self.resolver.datakeys
+        mine = [(p, k) for p, k in secret.recipients if keys.configured(p)]
+        if not mine:
+            return
+        ages = [keys.revoked_for(p, k) for p, k in mine]
+        if any(age is None or age < keys.max_age for age in ages):
+            return
+        self.metrics.cache_requests.labels("revoked").inc()
+        names = ", ".join(f"{p}/{k}" for p, k in mine)
+        raise KeyRevoked(
+            f"secret {secret.name!r} is no longer served: its master key(s) {names} were "
+            f"disabled, deleted or denied more than datakeys.max_age "
+            f"({keys.max_age:.0f}s) ago",
+            provider=mine[0][0],
+            key=mine[0][1],
+        )
 
     def _check_stale(self, entry: _Entry) -> None:
         if entry.failing_since is None:

@@ -19,6 +19,7 @@ from agent.cache import SecretCache
 from agent.config import AgentConfig, load_config, split_host_port
 from agent.core import Core
 from agent.errors import AgentError, ConfigError
+from agent.keywatch import KeyWatch
 from agent.logsetup import setup_logging
 from agent.metrics import Metrics
 from agent.refresh import Refresher, matches
@@ -71,14 +72,16 @@ class Daemon:
             audit=self.audit,
         )
         self.cache.subscribe(self.renderer.on_secret_changed)
+        #: Extra long-running coroutines (renderer, rotation), owned by the TaskGroup.
+        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.keywatch = KeyWatch(self.core.providers, self.core.datakeys, metrics=self.metrics)
+        self.background.append(self.keywatch.run)
         self.state.status_providers.append(self.renderer.status)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = []
-        #: Extra long-running coroutines (renderer, rotation), owned by the TaskGroup.
-        self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     def _key_status(self) -> dict[str, Any]:
         """Each key provider's last error and key (never key material), for /v1/status."""

@@ -95,6 +95,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.keys_revoked = Gauge(
+            "secrets_agent_keys_revoked",
+            "Master keys seen disabled, deleted or missing by the key-state check.",
+            registry=r,
+        )
         self.key_unwrap_answered = Counter(
             "secrets_agent_key_unwrap_provider_total",
             "Which provider answered an unwrap when an envelope has several recipients.",

@@ -102,6 +102,7 @@ class Resolver:
             value=SecretValue(plaintext),
             value_type=env.value_type,
             stages=stages,
+            recipients=tuple((k.provider, k.key) for k in env.keys),
         )
 
     def _plain(

@@ -140,11 +140,19 @@ class Secret:
     value: SecretValue = field(repr=False)
     value_type: ValueType = "string"
     stages: tuple[str, ...] = ()
+    #: (provider, key) of each envelope recipient: which master keys this value hangs on.
+    recipients: tuple[tuple[str, str], ...] = ()
 
     def with_stages(self, stages: tuple[str, ...]) -> Secret:
         """Return a copy carrying ``stages``."""
         return Secret(
-            self.name, self.version_id, self.created_at, self.value, self.value_type, stages
+            self.name,
+            self.version_id,
+            self.created_at,
+            self.value,
+            self.value_type,
+            stages,
+            self.recipients,
         )
 
 

@@ -93,6 +93,8 @@ class DataKeys:
         self._flights: dict[tuple[_CacheKey, ...], asyncio.Task[bytes]] = {}
         self._writing: dict[str, _WriteKey] = {}
         self._write_locks: dict[str, asyncio.Lock] = {}
+        #: (provider, key) -> when it was first seen revoked (monotonic clock).
+        self._revoked: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------ write side
 
@@ -193,10 +195,12 @@ class DataKeys:
                     raise DecryptionError("the unwrapped data key has the wrong size")
             except KeyRevoked as exc:
                 self.drop(key.provider, key=key.key)
+                self.mark_revoked(key.provider, key.key)
                 failures.append((key, exc))
             except (DecryptionError, BackendUnavailable) as exc:
                 failures.append((key, exc))
             else:
+                self._revoked.pop((key.provider, key.key), None)
                 self._metrics.key_unwrap_answered.labels(key.provider).inc()
                 answer = bytes(dek)
                 self._insert(cache_key, dek, self._clock())
@@ -218,6 +222,26 @@ class DataKeys:
         return bytes(entry.dek)
 
     # ------------------------------------------------------------------ housekeeping
+
+    def mark_revoked(self, provider: str, key: str) -> None:
+        """Record that ``provider``'s master key ``key`` is disabled, deleted or denied."""
+        self._revoked.setdefault((provider, key), self._clock())
+
+    def mark_usable(self, provider: str, key: str) -> None:
+        """The key works again (re-enabled): forget the revocation."""
+        self._revoked.pop((provider, key), None)
+
+    def revoked_for(self, provider: str, key: str) -> float | None:
+        """Seconds since ``key`` was seen revoked, or None if it is not."""
+        since = self._revoked.get((provider, key))
+        return None if since is None else self._clock() - since
+
+    @property
+    def max_age(self) -> float:
+        return self._settings.max_age
+
+    def configured(self, provider: str) -> bool:
+        return provider in self._providers
 
     def drop(self, provider: str, *, key: str | None = None) -> None:
         """Forget every DEK wrapped by ``provider`` (and ``key``, if given), e.g. on revocation."""
