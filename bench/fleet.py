@@ -71,14 +71,17 @@ def etcd_process(directory: Path) -> Any:
     )
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
+        while True:
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{client}/health", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{client}/health", timeout=1).close()
                 break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("etcd did not become healthy within 20 s")
             time.sleep(0.1)
         yield f"127.0.0.1:{client}"
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -75,14 +75,15 @@ async def test_envelopes_in_secrets_manager_round_trip_through_the_agent(
         refresh={"interval": "1s"},
     )
     env.put("prod/db", "v1")
-    env.put("prod/db", "v2")
+    env.put("prod/db", "DISTINCTIVE-PLAINTEXT-v2")
     stored = _sm(moto_server).get_secret_value(
         SecretId=f"{prefix}prod/db", VersionStage="AWSCURRENT"
     )
-    assert b"v2" not in stored["SecretBinary"]  # AWS holds our envelope, not the value
+    # AWS holds our envelope, not the value.
+    assert b"DISTINCTIVE-PLAINTEXT" not in stored["SecretBinary"]
     assert json.loads(stored["SecretBinary"])["format"] == "secrets-agent/envelope"
     async with env.running() as agent:
-        assert await agent.value("prod/db") == b"v2"
+        assert await agent.value("prod/db") == b"DISTINCTIVE-PLAINTEXT-v2"
         assert await agent.value("prod/db", stage="PREVIOUS") == b"v1"
         env.put("prod/db", "v3")
         await agent.eventually("prod/db", b"v3", timeout=30)  # polling every 1 s

@@ -12,11 +12,20 @@ referenced version exists), so two writers racing to promote cannot both win.
 A watch on the prefix pushes changes; every (re)started watch first yields a
 resync, and it starts from the revision that resync read, so nothing is lost
 between them. A compacted start revision or a broken stream raises
-BackendUnavailable and the refresher restarts the watch with backoff.
+BackendUnavailable and the refresher restarts the watch (with a new resync)
+after a backoff step.
 
-Client: aetcd (asyncio, gRPC). It is maintained, speaks the v3 API natively,
-and gives transactions and watches without a JSON-gateway layer of our own.
-It has no TLS support, so ``store.tls`` is refused at start with a clear error.
+Client: aetcd 1.0 (asyncio over grpcio), checked against etcd 3.4 and
+protobuf 7 (its generated code is protobuf 5; the runtime accepts it without
+a warning). It speaks the v3 gRPC API natively: transactions, and one watch
+stream with server-side compaction errors, without a gateway layer of our own
+(the JSON gateway would need its own streaming-JSON parser for watches and
+string-encoded int64s). aetcd dials plaintext only, so :class:`_Client` makes
+the channel itself: TLS (CA, client certificate) when configured. Around it:
+endpoints are tried in turn (a failed call moves to the next), gRPC's
+reconnect backoff is capped at 1 s, keepalive pings find a dead peer under a
+quiet watch, and an expired auth token (etcd drops idle simple tokens after
+``--auth-token-ttl``, 5 min by default) is renewed once before a call fails.
 """
 
 from __future__ import annotations
@@ -25,13 +34,19 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
+import grpc
+from aetcd import rpc, watcher
+from aetcd.utils import prefix_range_end
 
 from agent.config import AgentConfig, EtcdStoreConfig, read_secret_ref
 from agent.errors import (
@@ -57,6 +72,8 @@ from agent.types import (
 
 T = TypeVar("T")
 _RESERVED = frozenset({"versions", "stages"})
+_AUTH_FAILED = ("authentication failed", "user name is empty", "invalid auth token")
+_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, TimeoutError, OSError)
 
 
 def check_name(name: str) -> str:
@@ -70,50 +87,176 @@ def check_name(name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """PEM material for TLS to etcd: ``ca`` None means the system roots; no cert, no client auth."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def read(cls, ca: Path | None, cert: Path | None, key: Path | None) -> EtcdTls:
+        """Read the PEM files named in ``store.tls``."""
+        if (cert is None) != (key is None):
+            raise ConfigError("a client certificate needs its key", path="store.tls")
+        try:
+            return cls(*(p.read_bytes() if p else None for p in (ca, cert, key)))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {exc.filename}: {exc.strerror}", path="store.tls"
+            ) from None
+
+    def credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on a channel made here, so it can be TLS.
+
+    ``connect`` does what aetcd 1.0's does (authenticate, stubs, watcher);
+    the store serialises calls to it, so aetcd's own connect guard is not needed.
+    """
+
+    def __init__(self, *, tls: EtcdTls | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        target, options = f"{self._host}:{self._port}", list(self._options.items())
+        if self._tls is None:
+            self.channel = rpc.insecure_channel(target, options=options)
+        else:
+            self.channel = rpc.secure_channel(target, self._tls.credentials(), options=options)
+        if self._username is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            try:
+                resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+            except BaseException:
+                await self.channel.close()  # no channel left behind by a failed login
+                self._init_channel_attrs()
+                raise
+            self.metadata = (("token", resp.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+    async def count(self, prefix: bytes) -> tuple[int, int]:
+        """(keys under ``prefix``, store revision), sending no keys or values."""
+        request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
+        resp = await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
+        return int(resp.count), int(resp.header.revision)
+
+
+def _rpc_status(exc: BaseException) -> tuple[Any, str]:
+    """The gRPC status code and details behind an aetcd or grpc error, else (None, its text)."""
+    for err in (exc, exc.__cause__):
+        if isinstance(err, grpc.aio.AioRpcError):
+            return err.code(), str(err.details() or "")
+    return None, str(exc)
+
+
+def _map_error(exc: BaseException, operation: str) -> AgentError:
+    """Our error for an etcd failure: denied and bad requests are permanent, the rest transient."""
+    code, details = _rpc_status(exc)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+        code == grpc.StatusCode.INVALID_ARGUMENT and any(s in details for s in _AUTH_FAILED)
+    ):
+        return AccessDenied(f"etcd denied {operation} ({details or code.name})")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadRequest(f"etcd refused {operation} ({details})")
+    reason = code.name if code is not None else type(exc).__name__
+    return BackendUnavailable(f"etcd unavailable during {operation}: {reason}")
+
+
+def _outcome(err: AgentError) -> str:
+    if isinstance(err, Conflict | BackendUnavailable):
+        return "conflict" if isinstance(err, Conflict) else "unavailable"
+    return "not_found" if err.status == 404 else "error"
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:
+    """``[scheme://]host[:port]`` as (host, port, https)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "http", endpoint
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if not colon or not port.isdigit() or host.endswith(":"):
+        host, port = rest.rstrip("/"), "2379"
+    return host, int(port), scheme == "https"
+
+
 class EtcdStore:
     """A WritableStore and WatchableStore on etcd v3."""
 
     def __init__(
         self,
-        endpoint: str = "127.0.0.1:2379",
+        endpoints: str | Sequence[str] = "127.0.0.1:2379",
         *,
         prefix: str = "/secrets-agent",
         store_id: str = "default",
         username: str | None = None,
         password: str | None = None,
+        tls: EtcdTls | None = None,
         timeout: float = 5.0,
+        keepalive: float = 30.0,
         metrics: Metrics | None = None,
     ) -> None:
-        host, _, port = endpoint.rpartition(":")
+        if (username is None) != (password is None):
+            raise ConfigError("etcd username and password go together", path="store.username")
+        targets = [
+            _split_endpoint(e) for e in ([endpoints] if isinstance(endpoints, str) else endpoints)
+        ]
         self.store_id = store_id
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self.metrics = metrics
-        self._target = (host or "127.0.0.1", int(port or 2379), username, password)
+        self._targets = itertools.cycle(
+            [(host, port, tls or (EtcdTls() if https else None)) for host, port, https in targets]
+        )
+        self._auth = (username, password)
+        self._options = {
+            # gRPC backs off reconnecting for up to 2 minutes by default: after a long
+            # outage that would delay noticing etcd is back far past our own backoff.
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+            # A peer that vanished without a reset leaves a quiet watch hanging: ping
+            # it (etcd refuses pings more often than every 5 s by default), and bound
+            # the wait for any ping's ack, which gRPC otherwise gives 60 s.
+            "grpc.keepalive_time_ms": int(keepalive * 1000),
+            "grpc.keepalive_timeout_ms": int(max(1.0, timeout) * 1000),
+            "grpc.http2.ping_timeout_ms": int(max(1.0, timeout) * 1000),
+        }
         self._client = self._new_client()
         self._connected = False
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Future[None]] = set()
 
-    def _new_client(self) -> aetcd.Client:
-        host, port, username, password = self._target
-        # gRPC backs off reconnecting for up to 2 minutes by default: after a long
-        # outage that would delay noticing etcd is back far past our own backoff.
-        return aetcd.Client(
+    def _new_client(self) -> _Client:
+        host, port, tls = next(self._targets)
+        return _Client(
             host=host,
             port=port,
-            username=username,
-            password=password,
+            username=self._auth[0],
+            password=self._auth[1],
             timeout=max(1, round(self.timeout)),
-            options={
-                "grpc.initial_reconnect_backoff_ms": 100,
-                "grpc.min_reconnect_backoff_ms": 100,
-                "grpc.max_reconnect_backoff_ms": 1000,
-            },
+            options=self._options,
+            tls=tls,
         )
 
     def _reset(self) -> None:
-        """Start over with a fresh channel after a connection failure."""
+        """Start over on a fresh channel (to the next endpoint) after a connection failure."""
         old, self._client, self._connected = self._client, self._new_client(), False
         task = asyncio.ensure_future(_close_quietly(old))
         self._closing.add(task)
@@ -123,23 +266,19 @@ class EtcdStore:
     def from_config(
         cls, cfg: EtcdStoreConfig, *, config: AgentConfig, metrics: Metrics
     ) -> EtcdStore:
-        if cfg.tls is not None:
-            raise ConfigError(
-                "TLS to etcd is not supported yet (the aetcd client has no TLS); "
-                "reach etcd over loopback or a local TLS proxy",
-                path="store.tls",
-            )
         password = (
             read_secret_ref(cfg.password, base_dir=config.base_dir).decode()
             if cfg.password
             else None
         )
+        tls = None if cfg.tls is None else EtcdTls.read(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
         return cls(
-            cfg.endpoints[0],
+            cfg.endpoints,
             prefix=cfg.prefix,
             store_id=cfg.id,
             username=cfg.username,
             password=password,
+            tls=tls,
             timeout=cfg.timeout,
             metrics=metrics,
         )
@@ -149,44 +288,40 @@ class EtcdStore:
     def _key(self, name: str, *parts: str) -> bytes:
         return "/".join((self.prefix, name, *parts)).encode()
 
+    async def _connect(self) -> None:
+        if not self._connected:
+            async with self._lock:
+                if not self._connected:
+                    await asyncio.wait_for(self._client.connect(), self.timeout)
+                    self._connected = True
+
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
-        try:
-            if not self._connected:
-                async with self._lock:
-                    if not self._connected:
-                        await asyncio.wait_for(self._client.connect(), self.timeout)
-                        self._connected = True
-            result = await asyncio.wait_for(fn(), self.timeout)
-        except AgentError as exc:
-            self._count(operation, exc)
-            raise
-        except aetcd.exceptions.UnauthenticatedError:
-            self._count(operation, "denied")
-            raise AccessDenied(f"etcd refused our credentials ({operation})") from None
-        except (aetcd.exceptions.ClientError, TimeoutError, OSError) as exc:
-            self._count(operation, "unavailable")
-            if isinstance(
-                exc,
-                (
-                    aetcd.exceptions.ConnectionFailedError,
-                    aetcd.exceptions.ConnectionTimeoutError,
-                    TimeoutError,
-                ),
-            ):
-                self._reset()
-            raise BackendUnavailable(
-                f"etcd unavailable during {operation}: {type(exc).__name__}"
-            ) from None
-        self._count(operation, "ok")
-        return result
+        """Run one etcd operation with a timeout; map and count its outcome."""
+        for attempt in (1, 2):
+            try:
+                await self._connect()
+                result = await asyncio.wait_for(fn(), self.timeout)
+            except AgentError as exc:
+                self._count(operation, exc)
+                raise
+            except _RPC_ERRORS as exc:
+                err = _map_error(exc, operation)
+                if attempt == 1 and "invalid auth token" in _rpc_status(exc)[1]:
+                    self._reset()  # the token expired: authenticate again, once
+                    continue
+                if isinstance(err, BackendUnavailable):
+                    self._reset()
+                self._count(operation, err)
+                raise err from None
+            self._count(operation, "ok")
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _count(self, operation: str, outcome: str | AgentError) -> None:
         if self.metrics is None:
             return
         if isinstance(outcome, AgentError):
-            outcome = {"conflict": "conflict"}.get(
-                outcome.code, "not_found" if outcome.status == 404 else "error"
-            )
+            outcome = _outcome(outcome)
         self.metrics.store_operations.labels(operation, outcome).inc()
 
     # ------------------------------------------------------------------ reads
@@ -194,14 +329,8 @@ class EtcdStore:
     async def list_names(self) -> list[str]:
         async def go() -> list[str]:
             rows = await self._client.get_prefix(f"{self.prefix}/".encode(), keys_only=True)
-            names = set()
-            for kv in rows:
-                rest = kv.key.decode()[len(self.prefix) + 1 :]
-                if rest.endswith("/stages"):
-                    names.add(rest[: -len("/stages")])
-                elif "/versions/" in rest:
-                    names.add(rest.rsplit("/versions/", 1)[0])
-            return sorted(names)
+            names = {self._name_of(kv.key.decode()) for kv in rows}
+            return sorted(n for n in names if n is not None)
 
         return await self._call("list_names", go)
 
@@ -212,10 +341,8 @@ class EtcdStore:
             got = await self._client.get(self._key(name, "stages"))
             if got is not None:
                 return StageState(_stages(got.value, name), str(got.mod_revision))
-            any_version = await self._client.get_prefix(
-                self._key(name, "versions", ""), keys_only=True
-            )
-            if not list(any_version):
+            versions, _ = await self._client.count(self._key(name, "versions", ""))
+            if not versions:
                 raise SecretNotFound(f"secret {name!r} does not exist")
             return StageState({}, "")
 
@@ -236,8 +363,8 @@ class EtcdStore:
         return await self._call("read_version", go)
 
     async def _exists_or_raise(self, name: str) -> None:
-        rows = await self._client.get_prefix(self._key(name, ""), keys_only=True)
-        if not list(rows):
+        keys, _ = await self._client.count(self._key(name, ""))
+        if not keys:
             raise SecretNotFound(f"secret {name!r} does not exist")
 
     async def list_versions(self, name: str) -> list[tuple[str, datetime]]:
@@ -352,29 +479,28 @@ class EtcdStore:
 
     async def watch(self) -> AsyncIterator[WatchEvent]:
         """Resync, then push the names under the prefix that change."""
-        start = await self._call("watch", self._current_revision)
-        try:
-            stream = await self._client.watch_prefix(
-                f"{self.prefix}/".encode(), start_revision=start + 1
-            )
-        except (aetcd.exceptions.ClientError, OSError) as exc:
-            raise BackendUnavailable(f"etcd watch failed: {type(exc).__name__}") from None
+        prefix = f"{self.prefix}/".encode()
+
+        async def start() -> Any:
+            _, revision = await self._client.count(prefix)
+            return await self._client.watch_prefix(prefix, start_revision=revision + 1)
+
+        stream = await self._call("watch", start)
         yield WatchEvent(None)
         try:
             async for event in stream:
                 name = self._name_of(event.kv.key.decode())
                 if name is not None:
                     yield WatchEvent(frozenset({name}))
-        except (aetcd.exceptions.ClientError, OSError) as exc:
-            raise BackendUnavailable(f"etcd watch broke: {type(exc).__name__}") from None
+        except _RPC_ERRORS as exc:
+            self._count("watch", "unavailable")
+            raise BackendUnavailable(
+                f"etcd watch broke: {_map_error(exc, 'watch').message}"
+            ) from None
         finally:
             with contextlib.suppress(Exception):
                 await stream.cancel()
-        raise BackendUnavailable("etcd watch ended")
-
-    async def _current_revision(self) -> int:
-        rows = await self._client.get_prefix(f"{self.prefix}/".encode(), keys_only=True)
-        return int(rows.header.revision)
+        raise BackendUnavailable("etcd watch ended (connection closed)")
 
     def _name_of(self, key: str) -> str | None:
         rest = key[len(self.prefix) + 1 :]
