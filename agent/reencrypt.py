@@ -6,6 +6,11 @@ the envelope's AAD). Each envelope is swapped with the store's compare-and-swap
 (``replace_envelope``), so running agents keep serving throughout and a
 concurrent writer is never overwritten. Versions already in the target state
 are skipped, so an interrupted run is resumed by running it again.
+
+Cost: one unwrap per distinct data key (``DataKeys`` caches the rest; with
+data-key reuse that is about one per ``max_messages`` versions) and one wrap per
+distinct data key and target provider whose recipient is missing or not
+current. Recipients already current are kept as they are.
 """
 
 from __future__ import annotations
@@ -16,19 +21,30 @@ from dataclasses import dataclass, field
 
 from agent.core import Core
 from agent.crypto.envelope import WrappedKey, dumps, parse, wrap_context
-from agent.errors import BadRequest, Conflict, NotFound
+from agent.errors import BadRequest, Conflict, DecryptionError, NotFound
+
+#: How many failed versions a report names (the count is always complete).
+_NAMED_FAILURES = 20
 
 
 @dataclass
 class ReencryptReport:
-    """What a run did (counts only)."""
+    """What a run did (counts and names, never key material)."""
 
     versions: int = 0
     rewrapped: int = 0
     skipped: int = 0
     conflicts: int = 0
+    gone: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
     datakey_lookups: int = 0
     wraps: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every version seen is now in the target state."""
+        return not (self.conflicts or self.failed)
 
 
 def target_recipients(core: Core, *, add: Sequence[str], remove: Sequence[str]) -> list[str]:
@@ -50,6 +66,7 @@ class Reencryptor:
         self.core = core
         self.targets = list(targets)
         self.report = ReencryptReport()
+        # (sha256 of the DEK, provider) -> its new recipient: one wrap per data key.
         self._wrapped: dict[tuple[bytes, str], WrappedKey] = {}
 
     async def _current(self, wrapped: WrappedKey) -> bool:
@@ -57,50 +74,70 @@ class Reencryptor:
         check = getattr(provider, "is_current", None)
         return True if check is None else bool(await check(wrapped))
 
-    async def _desired(self, keys: Sequence[WrappedKey]) -> list[WrappedKey] | None:
-        """The recipients to keep, or None if the envelope is already as wanted."""
-        keep = []
+    async def _plan(self, keys: Sequence[WrappedKey]) -> list[WrappedKey | str] | None:
+        """Per target, the recipient to keep or the provider to wrap for; None: nothing to do."""
+        plan: list[WrappedKey | str] = []
         for target in self.targets:
             found = next((k for k in keys if k.provider == target), None)
-            if found is None or not await self._current(found):
-                return None
-            keep.append(found)
-        return keep if len(keep) == len(keys) else None
+            keep = found is not None and await self._current(found)
+            plan.append(found if keep and found is not None else target)
+        if len(keys) == len(plan) and all(isinstance(p, WrappedKey) for p in plan):
+            return None
+        return plan
+
+    async def _wrap(self, dek: bytes, target: str) -> WrappedKey:
+        digest = hashlib.sha256(dek).digest()
+        cached = self._wrapped.get((digest, target))
+        if cached is None:
+            context = wrap_context(self.core.store.store_id)
+            cached = await self.core.providers[target].wrap(dek, context=context)
+            self._wrapped[(digest, target)] = cached
+            self.report.wraps[target] = self.report.wraps.get(target, 0) + 1
+        return cached
 
     async def one(self, name: str, version_id: str) -> None:
+        """Bring one version to the target recipients (or count why not).
+
+        Raises:
+            BackendUnavailable: the store or every provider able to unwrap is
+                unreachable; stop here, a later run resumes.
+        """
         store = self.core.store
-        stored = await store.read_version(name, version_id)
-        envelope = parse(stored.envelope, where=f"secret {name!r} version {version_id!r}")
-        self.report.versions += 1
-        if await self._desired(envelope.keys) is not None:
-            self.report.skipped += 1
-            return
-        dek = await self.core.datakeys.unwrap(envelope.keys, store_id=store.store_id)
-        self.report.datakey_lookups += 1
-        digest = hashlib.sha256(dek).digest()
-        new_keys = []
-        for target in self.targets:
-            cached = self._wrapped.get((digest, target))
-            if cached is None:
-                cached = await self.core.providers[target].wrap(
-                    dek, context=wrap_context(store.store_id)
-                )
-                self._wrapped[(digest, target)] = cached
-                self.report.wraps[target] = self.report.wraps.get(target, 0) + 1
-            new_keys.append(cached)
         try:
-            await store.replace_envelope(
-                name, version_id, dumps(envelope.with_keys(new_keys)), expected=stored.envelope
-            )
+            stored = await store.read_version(name, version_id)
+        except NotFound:
+            self.report.gone += 1  # deleted since it was listed
+            return
+        self.report.versions += 1
+        try:
+            envelope = parse(stored.envelope, where=f"secret {name!r} version {version_id!r}")
+            plan = await self._plan(envelope.keys)
+            if plan is None:
+                self.report.skipped += 1
+                return
+            dek = await self.core.datakeys.unwrap(envelope.keys, store_id=store.store_id)
+            self.report.datakey_lookups += 1
+            keys = [p if isinstance(p, WrappedKey) else await self._wrap(dek, p) for p in plan]
+            new = dumps(envelope.with_keys(keys))
+            await store.replace_envelope(name, version_id, new, expected=stored.envelope)
         except Conflict:
             self.report.conflicts += 1  # changed under us: the next run looks again
+            return
+        except DecryptionError as exc:  # this version cannot be opened: report it, go on
+            self.report.failed += 1
+            if len(self.report.failures) < _NAMED_FAILURES:
+                self.report.failures.append(f"{name} {version_id}: {exc.message}")
             return
         self.report.rewrapped += 1
 
     async def run(
         self, names: Sequence[str] | None, *, step: Callable[[], None] | None = None
     ) -> ReencryptReport:
-        """Rewrap every version of ``names`` (every secret if None)."""
+        """Rewrap every version of ``names`` (every secret if None).
+
+        Raises:
+            BackendUnavailable: stopped early (transient); what was done stays done.
+        """
         store = self.core.store
         for name in names if names is not None else await store.list_names():
             try:
