@@ -1,0 +1,1 @@
+"""Secret rotation: the four-step engine, schedules and rotators."""
