@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the test suite needs: the Debian servers the integration
 # fixtures start (etcd, SoftHSM, PostgreSQL, Prometheus) and a virtualenv at
-# .venv with the package and its dev/etcd/aws/pkcs11 extras.
+# .venv with the package and its dev/etcd/aws/pkcs11/postgres extras.
 #
 # Idempotent and non-interactive; a warm re-run skips apt entirely and only
 # lets pip confirm the venv is current.
@@ -111,8 +111,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
     && .venv/bin/python -c 'import agent' >/dev/null 2>&1; then
     log "venv: up to date"
 else
-    log "venv: pip install -e '.[dev,etcd,aws,pkcs11]'"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,etcd,aws,pkcs11]'
+    log "venv: pip install -e '.[dev,etcd,aws,pkcs11,postgres]'"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,etcd,aws,pkcs11,postgres]'
     printf '%s\n' "$want" >"$stamp"
     log "venv: done"
 fi
