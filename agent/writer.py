@@ -89,7 +89,7 @@ class SecretWriter:
         await self.store.write_version(name, version_id, envelope)
         state = await self._state(name)
         try:
-            new = await self.store.set_stages(
+            new = await self.apply_stages(
                 name, promoted(state.stages, stage, version_id), expected_revision=state.revision
             )
         except Conflict as exc:
@@ -112,9 +112,25 @@ class SecretWriter:
         versions = {v for v, _ in await self.store.list_versions(name)}
         if version_id not in versions:
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
-        return await self.store.set_stages(
+        return await self.apply_stages(
             name, promoted(state.stages, stage, version_id), expected_revision=state.revision
         )
+
+    async def apply_stages(
+        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+    ) -> StageState:
+        """Replace the whole stage map of ``name`` in one compare-and-swap.
+
+        Every stage move this writer makes (``put``, ``promote``, rotation's
+        PENDING and finish) goes through here, so whatever a stage move must
+        carry (e.g. proof that a key holder made it) is added in one place.
+
+        Raises:
+            Conflict: the map's revision is no longer ``expected_revision``;
+                nothing was written.
+            VersionNotFound: a stage points at a version that does not exist.
+        """
+        return await self.store.set_stages(name, stages, expected_revision=expected_revision)
 
     async def _state(self, name: str) -> StageState:
         try:
