@@ -87,6 +87,8 @@ Mode = Annotated[int, BeforeValidator(_parse_mode)]
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 SecretRef = Annotated[str, AfterValidator(_check_secret_ref)]
 PositiveInt = Annotated[int, Field(gt=0)]
+#: A schedule period: any duration of one second or more.
+Period = Annotated[float, BeforeValidator(parse_duration), Field(ge=1.0)]
 
 
 def read_secret_ref(ref: str, *, base_dir: Path | None = None) -> bytes:
@@ -194,6 +196,7 @@ class LocalKeysConfig(_Model):
     type: Literal["local"]
     keyring: ConfigPath = Path("keyring.json")
     passphrase: SecretRef | None = None
+    rotate_every: Period | None = None
 
 
 class Pkcs11KeysConfig(_Model):
@@ -203,6 +206,7 @@ class Pkcs11KeysConfig(_Model):
     pin: SecretRef
     key: str = "secrets-agent-master"
     mechanism: Literal["aes-gcm", "aes-key-wrap-pad"] = "aes-gcm"
+    rotate_every: Period | None = None
 
 
 class KmsKeysConfig(_Model):
@@ -211,6 +215,16 @@ class KmsKeysConfig(_Model):
     region: str | None = None
     endpoint_url: str | None = None
     timeout: Duration = 5.0
+    rotate_every: Period | None = None
+
+    @field_validator("rotate_every")
+    @classmethod
+    def _kms_period(cls, v: float | None) -> float | None:
+        if v is not None and not (v % 86400 == 0 and 90 <= v / 86400 <= 2560):
+            raise ValueError(
+                f"KMS rotates on a period of whole days from 90d to 2560d; got {v:g} seconds"
+            )
+        return v
 
 
 KeyProviderConfig = Annotated[

@@ -19,6 +19,7 @@ from agent.cache import SecretCache
 from agent.config import AgentConfig, load_config, split_host_port
 from agent.core import Core
 from agent.errors import AgentError, ConfigError
+from agent.keyrotation import KeyRotation
 from agent.keywatch import KeyWatch
 from agent.logsetup import setup_logging
 from agent.metrics import Metrics
@@ -76,6 +77,21 @@ class Daemon:
         self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.keywatch = KeyWatch(self.core.providers, self.core.datakeys, metrics=self.metrics)
         self.background.append(self.keywatch.run)
+        schedules = {
+            name: cfg.rotate_every
+            for name, cfg in config.keys.items()
+            if cfg.rotate_every is not None
+        }
+        if schedules:
+            self.keyrotation = KeyRotation(
+                self.core.providers,
+                schedules,
+                self.core.datakeys,
+                metrics=self.metrics,
+                audit=self.audit,
+            )
+            self.background.append(self.keyrotation.run)
+            self.state.status_providers.append(self.keyrotation.status)
         self.state.status_providers.append(self.renderer.status)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None

@@ -100,6 +100,18 @@ class Metrics:
             "Master keys seen disabled, deleted or missing by the key-state check.",
             registry=r,
         )
+        self.key_rotations = Counter(
+            "secrets_agent_key_rotations_total",
+            "Scheduled master-key rotations (keys.<name>.rotate_every), by provider and outcome.",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.key_rotation_next = Gauge(
+            "secrets_agent_key_rotation_next_timestamp_seconds",
+            "When each scheduled provider's master key is next due for rotation.",
+            ["provider"],
+            registry=r,
+        )
         self.key_unwrap_answered = Counter(
             "secrets_agent_key_unwrap_provider_total",
             "Which provider answered an unwrap when an envelope has several recipients.",

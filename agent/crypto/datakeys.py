@@ -116,6 +116,16 @@ class DataKeys:
             current.messages += 1
             return bytes(current.dek), current.wrapped
 
+    def retire_write_keys(self) -> None:
+        """Stop reusing the current write-side DEKs: the next write wraps a new one.
+
+        Called after a master-key rotation, so new envelopes use the new key
+        version at once rather than after ``max_messages`` or ``max_age``.
+        """
+        for current in self._writing.values():
+            _wipe(current.dek)
+        self._writing.clear()
+
     def _spent(self, current: _WriteKey) -> bool:
         return current.messages >= self._settings.max_messages or self._expired(current.created)
 

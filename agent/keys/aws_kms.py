@@ -257,6 +257,15 @@ class KmsKeyProvider:
         detail = "KMS automatic rotation enabled; old key material keeps decrypting"
         return KeyInfo(self.name, info.key, state=info.state, primary=True, detail=detail)
 
+    async def schedule_rotation(self, every: float) -> None:
+        """Turn on KMS automatic rotation every ``every`` seconds (whole days, 90-2560)."""
+        await self._call(
+            "rotate",
+            "enable_key_rotation",
+            KeyId=await self.arn(),
+            RotationPeriodInDays=int(every // 86400),
+        )
+
     def status(self) -> dict[str, object]:
         """For ``/v1/status``: the key, the last call's state and the last error."""
         return {

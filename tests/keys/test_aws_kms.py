@@ -47,6 +47,7 @@ class KmsFront:
         self.fail: tuple[int, str] | None = None  # (HTTP status, error code) for every call
         self.delay = 0.0
         self.calls: list[str] = []
+        self.bodies: list[dict[str, Any]] = []  # each request's JSON, as KMS received it
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -78,6 +79,7 @@ class KmsFront:
         operation = request.headers.get("X-Amz-Target", "").rsplit(".", 1)[-1]
         body = await request.read()
         self.calls.append(operation)
+        self.bodies.append(json.loads(body or b"{}"))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
@@ -343,3 +345,34 @@ async def test_keys_list_rotate_and_create(kms: KmsKeyProvider, moto_server: Any
     assert status["KeyRotationEnabled"] is True
     with pytest.raises(BadRequest, match="infrastructure"):
         await kms.create_key()
+
+
+async def test_rotate_every_turns_on_kms_rotation_with_that_period(
+    kms: KmsKeyProvider, moto_server: Any, front: KmsFront
+) -> None:
+    from agent.audit import NullAudit
+    from agent.config import DataKeysConfig
+    from agent.crypto.datakeys import DataKeys
+    from agent.keyrotation import KeyRotation
+
+    metrics = Metrics()
+    datakeys = DataKeys(
+        {"kms": kms}, write_keys=["kms"], settings=DataKeysConfig(), metrics=metrics
+    )
+    rotation = KeyRotation(
+        {"kms": kms}, {"kms": 180 * 86400.0}, datakeys, metrics=metrics, audit=NullAudit()
+    )
+    await rotation.check_once()
+    (info,) = await kms.list_keys()
+    status = _moto(moto_server).get_key_rotation_status(KeyId=info.key)
+    assert status["KeyRotationEnabled"] is True
+    # moto does not keep the period, so check the request KMS received
+    (request,) = [
+        b for op, b in zip(front.calls, front.bodies, strict=True) if op == "EnableKeyRotation"
+    ]
+    assert request == {"KeyId": info.key, "RotationPeriodInDays": 180}
+    await rotation.check_once()  # enabled once, not on every check
+    assert front.calls.count("EnableKeyRotation") == 1
+    assert rotation.status()["key_rotation"] == [
+        {"provider": "kms", "every_seconds": 180 * 86400.0, "next_due": None, "last_error": None}
+    ]
