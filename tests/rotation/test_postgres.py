@@ -288,20 +288,37 @@ async def test_alternating_users_both_work_until_the_next_rotation(pg_role: Role
             assert await logs_in(history[-3]) is False, "two rotations ago must be dead"
 
 
-async def test_alternating_users_admin_from_masterarn_and_idempotent_set(pg_role: Role) -> None:
+async def test_alternating_users_with_a_createrole_admin_from_masterarn(
+    pg_role: Role, postgres_server: PostgresServer
+) -> None:
+    """The least-privileged admin the docs describe: CREATEROLE and ADMIN OPTION on the role."""
+    admin = {"username": f"rotator_{pg_role.name}", "password": secrets.token_urlsafe(18)}
+    postgres_server.psql(
+        f"CREATE ROLE {admin['username']} LOGIN CREATEROLE PASSWORD '{admin['password']}'; "
+        f"GRANT {pg_role.name} TO {admin['username']} WITH ADMIN OPTION"
+    )
     arn = "arn:aws:secretsmanager:us-east-1:000000000000:secret:prod/db-master"
     rot = Rotation(
         PostgresRotator({"strategy": "alternating-users"}),
         pg_role.secret(masterarn=arn),
-        others={"prod/db-master": _admin_secret(pg_role.server)},
+        others={"prod/db-master": admin},
     )
-    await rot.create()
-    await rot.set()
-    await rot.set()  # the clone exists now: no second CREATE ROLE, same password
-    await rot.test()
-    rot.finish()
-    assert rot.current["masterarn"] == arn
-    assert await logs_in(rot.current) == 1 and await logs_in(rot.previous or {}) == 1
+    try:
+        await rot.create()
+        await rot.set()
+        await rot.set()  # the clone exists now: no second CREATE ROLE, same password
+        await rot.test()
+        rot.finish()
+        assert rot.current["masterarn"] == arn
+        assert await logs_in(rot.current) == 1 and await logs_in(rot.previous or {}) == 1
+        assert await logs_in(rot.current, f"SELECT x FROM {pg_role.table}") == 42
+        await rot.rotate()
+        assert rot.current["username"] == pg_role.name
+        assert await logs_in(rot.current) == 1 and await logs_in(rot.previous or {}) == 1
+    finally:
+        postgres_server.psql(
+            f"DROP ROLE IF EXISTS {pg_role.name}_clone; DROP ROLE {admin['username']}"
+        )
 
 
 async def test_alternating_users_needs_admin_credentials(pg_role: Role) -> None:
@@ -382,3 +399,12 @@ async def _wait_for_blocked_alter(server: PostgresServer, role: str) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the rotator's ALTER ROLE never blocked on the held row")
+
+
+def test_example_config_passes_check_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from agent.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "config/examples/rotation-postgres.yaml"
+    assert main(["-c", str(example), "check-config"]) == 0, capsys.readouterr().err
