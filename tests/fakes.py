@@ -163,6 +163,18 @@ class MemoryStore:
         self._notify(frozenset({name}))
         return StageState(dict(secret.stages), secret.revision)
 
+    async def delete_version(self, name: str, version_id: str) -> None:
+        validate_name(name)
+        validate_version_id(version_id)
+        self._enter("delete_version")
+        secret = self._secret(name)
+        if version_id not in secret.versions:
+            raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
+        if version_id in secret.stages.values():
+            raise Conflict(f"version {version_id!r} of secret {name!r} is staged; not deleted")
+        del secret.versions[version_id]
+        self._notify(frozenset({name}))
+
     def delete(self, name: str) -> None:
         """Remove a secret and all its versions (test helper; not part of the Protocol)."""
         del self._backend.secrets[name]

@@ -77,7 +77,7 @@ class SecretsManagerStore:
     """A WritableStore over AWS Secrets Manager (polling only)."""
 
     #: Contract behaviours this store cannot offer (see tests/stores/test_contract.py).
-    lacks = frozenset({"mutable_envelopes", "fine_timestamps", "label_cas"})
+    lacks = frozenset({"mutable_envelopes", "fine_timestamps", "label_cas", "version_delete"})
 
     def __init__(
         self,
@@ -320,6 +320,33 @@ class SecretsManagerStore:
                 "set_stages", "untag_resource", SecretId=self._aws_name(name), TagKeys=[STAGED_TAG]
             )
         return await self.read_stages(name)
+
+    async def delete_version(self, name: str, version_id: str) -> None:
+        """Deprecate one unstaged version: AWS removes versions that carry no label itself.
+
+        Secrets Manager has no call that deletes one version; a version without
+        staging labels is deprecated and deleted by AWS (it keeps about 100).
+        So this takes our ``WRITTEN`` label off the version.
+        """
+        self._writable()
+        validate_version_id(version_id)
+        doc = await self._describe(name)
+        token = to_token(version_id)
+        labels = (doc.get("VersionIdsToStages") or {}).get(token)
+        if labels is None:
+            if version_id not in {v for v, _ in await self.list_versions(name)}:
+                raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
+            return  # already deprecated
+        if version_id in (await self.read_stages(name)).stages.values():
+            raise Conflict(f"version {version_id!r} of secret {name!r} is staged; not deleted")
+        if WRITTEN in labels:
+            await self._call(
+                "delete_version",
+                "update_secret_version_stage",
+                SecretId=self._aws_name(name),
+                VersionStage=WRITTEN,
+                RemoveFromVersionId=token,
+            )
 
     @staticmethod
     def _labels(doc: Mapping[str, Any]) -> dict[str, str]:

@@ -111,6 +111,15 @@ class WritableStore(SecretStore, Protocol):
         """
         ...
 
+    async def delete_version(self, name: str, version_id: str) -> None:
+        """Remove one version that no stage points at (retention).
+
+        Raises:
+            Conflict: a stage points at it (checked against the stored map).
+            VersionNotFound / SecretNotFound: nothing to delete.
+        """
+        ...
+
 
 @runtime_checkable
 class WatchableStore(Protocol):

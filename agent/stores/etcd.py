@@ -462,6 +462,36 @@ class EtcdStore:
 
         return await self._call("set_stages", go)
 
+    async def delete_version(self, name: str, version_id: str) -> None:
+        """Delete one unstaged version in a transaction guarded by the stage map's revision."""
+        check_name(name)
+        validate_version_id(version_id)
+        key = self._key(name, "versions", version_id)
+        stages_key = self._key(name, "stages")
+        tx = self._client.transactions
+
+        async def go() -> None:
+            got = await self._client.get(stages_key)
+            staged = _stages(got.value, name) if got is not None else {}
+            if version_id in staged.values():
+                raise Conflict(f"version {version_id!r} of secret {name!r} is staged; not deleted")
+            guard = (
+                tx.version(stages_key) == 0
+                if got is None
+                else tx.mod(stages_key) == got.mod_revision
+            )
+            ok, _ = await self._client.transaction(
+                compare=[guard, tx.version(key) > 0], success=[tx.delete(key)], failure=[]
+            )
+            if ok:
+                return
+            if await self._client.get(key) is None:
+                await self._exists_or_raise(name)
+                raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
+            raise Conflict(f"stage map of secret {name!r} changed concurrently; not deleted")
+
+        await self._call("delete_version", go)
+
     async def _explain_failed_move(
         self, name: str, stages: Mapping[str, str], expected: str
     ) -> None:

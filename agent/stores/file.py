@@ -211,6 +211,12 @@ class FileStore:
         stages = _check_stage_map(stages)
         return await self._run("set_stages", self._set_stages, name, stages, expected_revision)
 
+    async def delete_version(self, name: str, version_id: str) -> None:
+        """Unlink one unstaged version file, under the secret's lock."""
+        check_name(name)
+        validate_version_id(version_id)
+        await self._run("delete_version", self._delete_version, name, version_id)
+
     def watch(self) -> AsyncIterator[WatchEvent]:
         """Yield ``WatchEvent(None)``, then the names whose files change, until cancelled.
 
@@ -425,6 +431,20 @@ class FileStore:
                 return StageState(stages, _revision(data))
         except OSError as exc:
             raise self._os_error(exc, what, paths.stages) from None
+
+    def _delete_version(self, name: str, version_id: str) -> None:
+        paths = self._existing(name)
+        path = paths.version(version_id)
+        what = f"version {version_id!r} of secret {name!r}"
+        try:
+            with FileLock(paths.lock, mode=_FILE_MODE):
+                if version_id in self._read_stages(name).stages.values():
+                    raise Conflict(f"{what} is staged; not deleted")
+                os.unlink(path)
+        except FileNotFoundError:
+            raise VersionNotFound(f"{what} does not exist") from None
+        except OSError as exc:
+            raise self._os_error(exc, what, path) from None
 
     def _start_watch(self) -> tuple[int, int]:
         """Make sure ``secrets/`` exists under an existing root; return its identity."""

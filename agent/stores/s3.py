@@ -281,6 +281,26 @@ class S3Store:
             raise
         return StageState(dict(stages), result["ETag"])
 
+    async def delete_version(self, name: str, version_id: str) -> None:
+        """Delete one unstaged version.
+
+        S3 has no transaction over two objects: the stage map is read first, so
+        a writer that stages this version in the same instant can leave a stage
+        pointing at nothing, which readers refuse while serving the last good
+        value. Retention deletes only versions older than the ones it keeps,
+        which no writer is about to stage.
+        """
+        check_name(name)
+        validate_version_id(version_id)
+        if version_id in (await self.read_stages(name)).stages.values():
+            raise Conflict(f"version {version_id!r} of secret {name!r} is staged; not deleted")
+        key = self._key(name, "versions", f"{version_id}.json")
+        try:
+            await self._call("delete_version", "head_object", Bucket=self.bucket, Key=key)
+        except NotFound:
+            raise VersionNotFound(f"secret {name!r} has no version {version_id!r}") from None
+        await self._call("delete_version", "delete_object", Bucket=self.bucket, Key=key)
+
     async def aclose(self) -> None:
         await self._aws.aclose()
 

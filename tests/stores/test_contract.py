@@ -31,6 +31,8 @@ def skip_unless(store: object, capability: str) -> None:
     immutable). ``fine_timestamps``: creation times finer than a second (moto's
     Secrets Manager rounds them). ``label_cas``: stage moves compared against
     the stored map (moto does not check RemoveFromVersionId; real AWS does).
+    ``version_delete``: a deleted version is gone at once (Secrets Manager only
+    deprecates it, and AWS deletes it later).
     """
     if capability in getattr(store, "lacks", ()):
         pytest.skip(f"{type(store).__name__} documents that it lacks {capability}")
@@ -287,6 +289,36 @@ async def test_set_stages_refuses_unnormalised_or_invalid_stage_labels(
         with pytest.raises(BadRequest):
             await store.set_stages("app", {label: "v1"}, expected_revision="")
     assert await _read(store, "app") == StageState({}, "")
+
+
+async def test_delete_version_removes_an_unstaged_version_only(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory()
+    await _secret(store, "app", "v1", "v2", "v3")
+    await store.set_stages("app", {"CURRENT": "v3", "PREVIOUS": "v2"}, expected_revision="")
+    await store.delete_version("app", "v1")
+    with pytest.raises(Conflict):
+        await store.delete_version("app", "v2")  # PREVIOUS points at it
+    with pytest.raises(Conflict):
+        await store.delete_version("app", "v3")
+    assert (await store.read_version("app", "v2")).envelope == b"envelope v2"
+    assert (await store.read_version("app", "v3")).envelope == b"envelope v3"
+    assert dict((await store.read_stages("app")).stages) == {"CURRENT": "v3", "PREVIOUS": "v2"}
+    skip_unless(store, "version_delete")
+    with pytest.raises(VersionNotFound):
+        await store.read_version("app", "v1")
+    assert [v for v, _ in await store.list_versions("app")] == ["v2", "v3"]
+    with pytest.raises(VersionNotFound):
+        await store.delete_version("app", "v1")
+
+
+async def test_delete_version_of_a_missing_secret_raises_secret_not_found(
+    store_factory: StoreFactory,
+) -> None:
+    store = await store_factory()
+    with pytest.raises(SecretNotFound):
+        await store.delete_version("nothing-here", "v1")
 
 
 async def test_stage_changes_are_seen_by_another_client_of_the_same_store(
