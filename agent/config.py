@@ -400,6 +400,11 @@ class RotationConfig(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RetentionConfig(_Model):
+    keep_unstaged: int | None = Field(default=100, ge=0)
+    max_age: Duration | None = None
+
+
 class AuditConfig(_Model):
     path: str | None = None
 
@@ -428,6 +433,7 @@ class AgentConfig(_Model):
     templates: list[TemplateConfig] = Field(default_factory=list)
     render: RenderConfig = Field(default_factory=RenderConfig)
     rotation: list[RotationConfig] = Field(default_factory=list)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     #: Directory of the config file; relative references resolve against it.

@@ -9,6 +9,7 @@ from agent.crypto.datakeys import DataKeys
 from agent.keys import KeyProvider, create_provider
 from agent.metrics import Metrics
 from agent.resolver import Resolver
+from agent.retention import RetentionPolicy
 from agent.stores import WritableStore, create_store
 from agent.writer import SecretWriter
 
@@ -40,7 +41,12 @@ class Core:
         return cls(config, metrics, providers, datakeys, store, resolver)
 
     def writer(self) -> SecretWriter:
-        return SecretWriter(self.store, self.datakeys)
+        retention = self.config.retention
+        return SecretWriter(
+            self.store,
+            self.datakeys,
+            retention=RetentionPolicy(retention.keep_unstaged, retention.max_age),
+        )
 
     async def aclose(self) -> None:
         """Close the store, wipe data keys, close providers."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, dumps, seal
 from agent.errors import BadRequest, Conflict, SecretNotFound, VersionNotFound
+from agent.retention import RetentionPolicy, prune_quietly
 from agent.stores.base import StageState, WritableStore
 from agent.types import (
     CURRENT,
@@ -17,6 +18,7 @@ from agent.types import (
     ValueType,
     normalize_stage,
     stages_of,
+    utcnow,
     validate_name,
     validate_version_id,
 )
@@ -49,9 +51,17 @@ def promoted(current: Mapping[str, str], stage: str, version_id: str) -> dict[st
 class SecretWriter:
     """Creates versions and moves stages in one store."""
 
-    def __init__(self, store: WritableStore, datakeys: DataKeys) -> None:
+    def __init__(
+        self,
+        store: WritableStore,
+        datakeys: DataKeys,
+        *,
+        retention: RetentionPolicy | None = None,
+    ) -> None:
         self.store = store
         self.datakeys = datakeys
+        #: Applied after each put (old unstaged versions pruned); None: keep all.
+        self.retention = retention
 
     async def seal(self, name: str, version_id: str, value: bytes, value_type: ValueType) -> bytes:
         """Seal ``value`` as the envelope of ``name``/``version_id`` (no store write)."""
@@ -96,6 +106,8 @@ class SecretWriter:
             raise Conflict(
                 f"version {version_id} of {name!r} was written but not staged: {exc.message}"
             ) from None
+        if self.retention is not None:
+            await prune_quietly(self.store, name, self.retention, now=utcnow())
         return PutResult(name, version_id, stages_of(new.stages, version_id), True)
 
     async def promote(self, name: str, stage: str, version_id: str) -> StageState:
