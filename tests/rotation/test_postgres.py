@@ -408,3 +408,22 @@ def test_example_config_passes_check_config(capsys: pytest.CaptureFixture[str]) 
 
     example = Path(__file__).resolve().parents[2] / "config/examples/rotation-postgres.yaml"
     assert main(["-c", str(example), "check-config"]) == 0, capsys.readouterr().err
+
+
+async def test_no_value_in_any_log_record(pg_role: Role, caplog: pytest.LogCaptureFixture) -> None:
+    """Every logger at DEBUG (ours and asyncpg's) through a rotation and a failed one."""
+    caplog.set_level("DEBUG")
+    rot = Rotation(
+        PostgresRotator({"strategy": "alternating-users", "admin_secret": "a"}),
+        pg_role.secret(),
+        others={"a": _admin_secret(pg_role.server)},
+    )
+    await rot.rotate()
+    values = [pg_role.password, rot.current["password"], pg_role.server.admin_password]
+    bad = Rotation(PostgresRotator({}), pg_role.secret(password="wrong-" + pg_role.password))
+    values += [bad.current["password"], (await bad.create())["password"]]
+    with pytest.raises(AuthenticationFailed):
+        await bad.set()
+    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records)
+    for value in values:
+        assert value not in text
