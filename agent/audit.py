@@ -52,6 +52,7 @@ EVENTS = frozenset(
         "not_found",
         "rendered",
         "rotated",
+        "rotation_step",
         "key_created",
         "key_rotated",
         "config_reloaded",

@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 import agent
-from agent.commands import admin, audit, keys_ops, lifecycle, render, secrets
+from agent.commands import admin, audit, keys_ops, lifecycle, render, rotate, secrets
 from agent.commands.common import EXIT_FAILURE, EXIT_USAGE, err
 from agent.errors import AgentError, BadRequest, ConfigError
 
 #: Modules whose ``register(subparsers)`` adds subcommands, in help order.
-COMMAND_MODULES = [admin, secrets, lifecycle, keys_ops, render, audit]
+COMMAND_MODULES = [admin, secrets, lifecycle, rotate, keys_ops, render, audit]
 
 
 def _add_config_flag(parser: argparse.ArgumentParser, *, default: object) -> None:

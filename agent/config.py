@@ -394,10 +394,76 @@ class RenderConfig(_Model):
 
 
 class RotationConfig(_Model):
+    """One rotation rule: which secret, when, and with which rotator (docs/rotation.md)."""
+
     secret: str
-    every: Duration
+    every: Duration | None = None
+    cron: str | None = None
+    window: Duration | None = None
     rotator: str
     params: dict[str, Any] = Field(default_factory=dict)
+    #: Failed attempts in a row after which /v1/status flags the secret.
+    flag_after_failures: PositiveInt = 3
+
+    @field_validator("secret")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from agent.errors import InvalidName
+        from agent.types import validate_name
+
+        try:
+            return validate_name(v)
+        except InvalidName as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: float | None) -> float | None:
+        if v is not None and v < 1:
+            raise ValueError(f"the shortest rotation interval is 1s, got {v:g}s")
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        from agent.rotation.schedule import cron_is_valid
+
+        if v is not None and not cron_is_valid(v):
+            raise ValueError(
+                f"expected a cron expression of 5 fields (or 6, seconds last), got {v!r}"
+            )
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: float | None) -> float | None:
+        if v is not None and v < 1:
+            raise ValueError(f"a rotation window is at least 1s, got {v:g}s")
+        return v
+
+    @field_validator("rotator")
+    @classmethod
+    def _known_rotator(cls, v: str) -> str:
+        from agent.rotation.base import ROTATORS
+
+        if v not in ROTATORS:
+            raise ValueError(f"unknown rotator {v!r} (known: {', '.join(sorted(ROTATORS))})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RotationConfig:
+        from agent.registry import load_backend
+        from agent.rotation.base import ROTATORS
+
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("give exactly one of 'every' (e.g. 30d) or 'cron'")
+        # Build the rotator once so bad params are refused with the config, not
+        # at the first rotation (a rotator's constructor does no I/O).
+        try:
+            load_backend(ROTATORS, self.rotator, "rotator")(self.params)
+        except ConfigError as exc:
+            raise ValueError(f"rotator {self.rotator!r}: {exc.message}") from None
+        return self
 
 
 class RetentionConfig(_Model):
@@ -458,6 +524,18 @@ class AgentConfig(_Model):
         for name in v:
             if keys and name not in keys:
                 raise ValueError(f"names {name!r}, which is not a provider under 'keys'")
+        return v
+
+    @field_validator("rotation")
+    @classmethod
+    def _one_rule_per_secret(cls, v: list[RotationConfig]) -> list[RotationConfig]:
+        seen: dict[str, int] = {}
+        for i, rule in enumerate(v):
+            if rule.secret in seen:
+                raise ValueError(
+                    f"rules {seen[rule.secret]} and {i} both rotate {rule.secret!r}; keep one"
+                )
+            seen[rule.secret] = i
         return v
 
     @field_validator("access")

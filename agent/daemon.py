@@ -26,6 +26,8 @@ from agent.metrics import Metrics
 from agent.refresh import Refresher, matches
 from agent.render.renderer import Renderer
 from agent.render.sources import CacheSource
+from agent.rotation.engine import RotationEngine
+from agent.rotation.scheduler import RotationScheduler
 from agent.server.access import AccessPolicy
 from agent.server.app import STATE, ServerState, build_app, metrics
 from agent.server.tcp import start_tcp_listener
@@ -92,12 +94,21 @@ class Daemon:
             )
             self.background.append(self.keyrotation.run)
             self.state.status_providers.append(self.keyrotation.status)
+        self.rotation = RotationScheduler(
+            RotationEngine(
+                self.core.writer(), self.core.resolver, metrics=self.metrics, audit=self.audit
+            ),
+            config.rotation,
+            metrics=self.metrics,
+        )
+        self.background.append(self.rotation.run)
+        self.state.status_providers.append(self.rotation.status)
         self.state.status_providers.append(self.renderer.status)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
         self._interrupts = 0
-        self.reload_hooks: list[Callable[[AgentConfig], None]] = []
+        self.reload_hooks: list[Callable[[AgentConfig], None]] = [self.rotation.reconfigure]
 
     def _key_status(self) -> dict[str, Any]:
         """Each key provider's last error and key (never key material), for /v1/status."""

@@ -187,10 +187,37 @@ class Metrics:
         )
 
         # Rotation (rotation/*)
+        # ``secret`` is the secret named by a rotation rule in the config (a
+        # bounded set), or "(adhoc)" for a CLI rotation outside any rule.
         self.rotations = Counter(
             "secrets_agent_rotation_steps_total",
-            "Rotation steps (create, set, test, finish), by outcome.",
-            ["step", "outcome"],
+            "Rotation steps (create, set, test, finish), by rule secret, step and outcome "
+            "(ok, failed, unavailable).",
+            ["secret", "step", "outcome"],
+            registry=r,
+        )
+        self.rotations_done = Counter(
+            "secrets_agent_rotations_total",
+            "Rotation attempts, by rule secret and outcome (rotated, failed, unavailable).",
+            ["secret", "outcome"],
+            registry=r,
+        )
+        self.rotation_last_success = Gauge(
+            "secrets_agent_rotation_last_success_timestamp_seconds",
+            "When the last rotation of a rule's secret completed (Unix time).",
+            ["secret"],
+            registry=r,
+        )
+        self.rotation_next = Gauge(
+            "secrets_agent_rotation_next_timestamp_seconds",
+            "When a rule's next scheduled rotation is due (Unix time).",
+            ["secret"],
+            registry=r,
+        )
+        self.rotation_failures_in_a_row = Gauge(
+            "secrets_agent_rotation_failures_in_a_row",
+            "Failed rotation attempts of a rule's secret since its last success.",
+            ["secret"],
             registry=r,
         )
 

@@ -166,6 +166,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
     validate_name(args.name)
 
     async def go(core: Core) -> dict[str, Any]:
+        from agent.commands.rotate import rotation_state
+
         state = await core.store.read_stages(args.name)
         versions = await core.store.list_versions(args.name)
         return {
@@ -180,6 +182,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
                 }
                 for v, t in versions
             ],
+            "rotation": await rotation_state(core, config, args.name),
         }
 
     doc = run_async(with_core(config, go))
@@ -189,6 +192,10 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(f"{doc['name']} (store {doc['store']})")
         for v in doc["versions"]:
             print(f"  {v['version_id']}  {v['created_at']}  {' '.join(v['stages'])}")
+        if doc["rotation"] is not None:
+            from agent.commands.rotate import print_rotation_state
+
+            print_rotation_state(doc["rotation"])
     return EXIT_OK
 
 
