@@ -1,0 +1,102 @@
+"""Five agents with the same schedule racing on one store make one new version per slot."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.core import Core
+from agent.rotation.engine import RotationEngine
+from agent.rotation.schedule import Schedule
+from agent.rotation.scheduler import RotationScheduler
+from agent.types import CURRENT, PREVIOUS
+from tests.agentenv import AgentEnv
+
+pytestmark = pytest.mark.integration
+
+AGENTS = 5
+RUN_FOR = 3.6  # seconds: three or four 1 s slots
+
+
+async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str], set[str]]:
+    """Run five schedulers (each its own store client and data keys) for a few slots."""
+    cores = [Core.build(config) for _ in range(AGENTS)]
+    try:
+        schedulers = [
+            RotationScheduler(
+                RotationEngine(core.writer(), core.resolver, metrics=core.metrics),
+                config.rotation,
+                metrics=core.metrics,
+            )
+            for core in cores
+        ]
+        started = time.time()
+        tasks = [asyncio.create_task(s.run()) for s in schedulers]
+        await asyncio.sleep(RUN_FOR)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ended = time.time()
+        schedule = Schedule(every=1)
+        slots = set()
+        t = started
+        while t <= ended + 1:
+            slots.add(schedule.slot_at(t).token(name))
+            t += 0.25
+        store = cores[0].store
+        versions = [v for v, _ in await store.list_versions(name)]
+        stages = dict((await store.read_stages(name)).stages)
+        # Every version decrypts (no half-written envelope).
+        for v in versions:
+            await cores[0].resolver.fetch(name, v)
+        return versions, stages, slots
+    finally:
+        for core in cores:
+            await core.aclose()
+
+
+def check(versions: list[str], stages: dict[str, str], slots: set[str], first: str) -> None:
+    new = [v for v in versions if v != first]
+    assert len(new) >= 2, versions  # the agents rotated in several slots
+    assert len(new) == len(set(new))
+    assert set(new) <= slots, "a version that is not a slot's token: a duplicate rotation"
+    assert stages[CURRENT] in new and "PENDING" not in stages
+    assert stages[PREVIOUS] in versions
+
+
+def rule(name: str) -> dict[str, Any]:
+    return {"secret": name, "every": "1s", "rotator": "random", "params": {"length": 16}}
+
+
+async def test_five_agents_on_one_directory_make_one_version_per_slot(env: AgentEnv) -> None:
+    env.configure(rotation=[rule("app/db")])
+    first = env.put("app/db", "initial")
+    versions, stages, slots = await race(env.config(), "app/db")
+    check(versions, stages, slots, first)
+
+
+async def test_five_agents_on_etcd_make_one_version_per_slot(
+    env: AgentEnv, etcd_server: Any
+) -> None:
+    env.configure(
+        store={
+            "type": "etcd",
+            "endpoints": [etcd_server.endpoint],
+            "prefix": f"/race-{uuid.uuid4().hex[:8]}",
+            "timeout": "2s",
+        },
+        rotation=[rule("app/db")],
+    )
+    config = env.config()
+    core = Core.build(config)
+    try:
+        first = (await core.writer().put("app/db", b"initial")).version_id
+    finally:
+        await core.aclose()
+    versions, stages, slots = await race(config, "app/db")
+    check(versions, stages, slots, first)
