@@ -95,6 +95,7 @@ class SecretCache:
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
         self._listeners: list[ChangeListener] = []
+        metrics.cache_stale_age.set_function(self.stale_age)  # computed at each scrape
 
     # ------------------------------------------------------------------ reads
 
@@ -268,6 +269,7 @@ class SecretCache:
                 return False
             entry.last_forced = now
         started = self.clock()
+        first = entry is None
         try:
             changed: bool = await self._single_flight(
                 ("refresh", name), lambda: self._refresh(name)
@@ -277,7 +279,10 @@ class SecretCache:
             raise
         finally:
             self.metrics.refresh_seconds.observe(self.clock() - started)
-        self.metrics.refreshes.labels(trigger, "changed" if changed else "unchanged").inc()
+        # A first load is not a change: counting it as one would show a
+        # rotation for every secret at each start.
+        outcome = "loaded" if first and changed else "changed" if changed else "unchanged"
+        self.metrics.refreshes.labels(trigger, outcome).inc()
         return changed
 
     async def _refresh(self, name: str) -> bool:
@@ -426,6 +431,11 @@ class SecretCache:
         self.metrics.cache_stale_secrets.set(
             sum(1 for e in self._entries.values() if e.failing_since is not None)
         )
+
+    def stale_age(self) -> float:
+        """Seconds the longest-failing secret has been served stale (0: none is)."""
+        since = [e.failing_since for e in self._entries.values() if e.failing_since is not None]
+        return max(0.0, self.clock() - min(since)) if since else 0.0
 
     def _notify(self, name: str) -> None:
         for listener in list(self._listeners):

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A secrets sidecar: envelope-encrypted secrets served on a Unix socket, "
         "rendered to tmpfs, refreshed on rotation.",
     )
-    parser.add_argument("--version", action="version", version=agent.__version__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {agent.__version__}")
     _add_config_flag(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:

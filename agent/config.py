@@ -356,6 +356,9 @@ class WaitConfig(_Model):
 
 
 class TemplateConfig(_Model):
+    #: A short name: the ``template`` label of the render metrics and the name in
+    #: ``status``; the template's index in the list when unset.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     destination: ConfigPath
     secret: SecretSelector | None = None
     secrets: list[SecretSelector] | None = None

@@ -8,9 +8,21 @@ route templates), never from secret names, values or callers.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 import agent
+
+#: Refresh triggers, the ``trigger`` label of ``secrets_agent_refreshes_total``.
+REFRESH_TRIGGERS = ("startup", "poll", "watch", "request")
+#: Rotation steps, the ``step`` label of ``secrets_agent_rotation_steps_total``.
+ROTATION_STEPS = ("create", "set", "test", "finish")
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -23,6 +35,8 @@ class Metrics:
         r = self.registry
         self.info = Info("secrets_agent_build", "Agent version.", registry=r)
         self.info.info({"version": agent.__version__})
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds... (Linux only).
+        ProcessCollector(registry=r)
 
         # Cache (cache.py)
         self.cache_requests = Counter(
@@ -37,6 +51,11 @@ class Metrics:
         self.cache_stale_secrets = Gauge(
             "secrets_agent_cache_stale_secrets",
             "Secrets currently served from stale data because the store is failing.",
+            registry=r,
+        )
+        self.cache_stale_age = Gauge(
+            "secrets_agent_cache_stale_age_seconds",
+            "How long the longest-failing secret has been served stale (0: none is stale).",
             registry=r,
         )
         self.secrets_removed = Counter(
@@ -134,7 +153,8 @@ class Metrics:
         )
         self.refreshes = Counter(
             "secrets_agent_refreshes_total",
-            "Refresh attempts, by trigger (startup, poll, watch, request) and outcome.",
+            "Refresh attempts, by trigger (startup, poll, watch, request) and outcome "
+            "(loaded: first load, changed, unchanged, error).",
             ["trigger", "outcome"],
             registry=r,
         )
@@ -175,8 +195,9 @@ class Metrics:
         # Rendering (render/*)
         self.renders = Counter(
             "secrets_agent_renders_total",
-            "Template renders, by outcome (written, unchanged, error).",
-            ["outcome"],
+            "Template renders, by template (its name, or its index in the config) "
+            "and outcome (written, unchanged, error).",
+            ["template", "outcome"],
             registry=r,
         )
         self.notifications = Counter(
@@ -237,3 +258,30 @@ class Metrics:
         self.ready = Gauge(
             "secrets_agent_ready", "1 once every configured secret has loaded.", registry=r
         )
+        self._zero_error_series()
+
+    def _zero_error_series(self) -> None:
+        """Create the error series at 0, so ``increase()`` and ``rate()`` see the first error.
+
+        A counter series that first appears at 1 has no earlier sample, and
+        Prometheus' ``increase()`` over it reads 0: the first failure would
+        never alert. Series labelled by config values (providers, templates)
+        are created where those are known.
+        """
+        self.cache_requests.labels("error")
+        self.fetches.labels("unavailable")
+        self.fetches.labels("not_found")
+        self.decrypts.labels("refused")
+        self.version_checks.labels("error")
+        for trigger in REFRESH_TRIGGERS:
+            self.refreshes.labels(trigger, "error")
+        for step in ROTATION_STEPS:
+            self.rotations.labels(step, "error")
+        for kind in ("signal", "command"):
+            self.notifications.labels(kind, "error")
+        self.config_reloads.labels("rejected")
+
+    def zero_template_errors(self, templates: list[str]) -> None:
+        """Create ``secrets_agent_renders_total{template, outcome="error"}`` at 0."""
+        for name in templates:
+            self.renders.labels(name, "error")

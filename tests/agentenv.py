@@ -131,6 +131,13 @@ def agent_dir() -> Any:
     try:
         code = main(["init", "--dir", str(directory)])
         assert code == 0
-        yield AgentEnv(directory)
+        env = AgentEnv(directory)
+        # init's config puts the socket in the runtime dir and the audit log on
+        # stdout; tests keep both in their own directory.
+        env.configure(
+            listen={"socket": "./agent.sock", "socket_mode": "0660"},
+            audit={"path": "./audit.log"},
+        )
+        yield env
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -29,8 +29,11 @@ INIT_CONFIG = """\
 # Every field is optional; docs/configuration.md lists them all with defaults.
 # Relative paths are resolved against this file's directory.
 
+# Nothing is written next to this file: it may sit on a read-only mount.
 listen:
-  socket: ./agent.sock          # the HTTP API on a Unix socket
+  # The HTTP API's Unix socket. Default: $XDG_RUNTIME_DIR/secrets-agent/agent.sock
+  # (/run/secrets-agent/agent.sock as root, and in the container image).
+  # socket: /run/secrets-agent/agent.sock
   socket_mode: "0660"
 
 metrics:
@@ -47,7 +50,10 @@ store:
 secrets: ["*"]                  # names or globs to preload and keep fresh
 
 audit:
-  path: ./audit.log
+  # Hash-chained audit records on stdout: works on a read-only root with this
+  # file on a read-only mount. For a file, give a path on a writable volume
+  # (e.g. /var/lib/secrets-agent/audit.log).
+  path: "-"
 
 log:
   level: info
@@ -113,6 +119,7 @@ def _client(args: argparse.Namespace) -> SecretsClient:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Print a running agent's status: a table for people, ``--json`` for scripts."""
     try:
         doc = _client(args).get_json_document("/v1/status")
     except ClientError as exc:
@@ -121,14 +128,77 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return EXIT_OK
-    print(f"ready: {doc.get('ready')}")
-    for s in doc.get("secrets", []):
-        flag = " STALE" if s.get("stale") else ""
-        error = f"  error: {s['last_error']}" if s.get("last_error") else ""
-        print(f"  {s['name']}  {s.get('version_id')}  age {s.get('age_seconds')}s{flag}{error}")
-    for t in doc.get("templates", []):
-        print(f"  template {t.get('destination')}: {t.get('last_render')} {t.get('error') or ''}")
+    print(format_status(doc))
     return EXIT_OK
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    """The ``status`` tables: secrets, then templates; every column aligned."""
+    lines = [f"ready: {'yes' if doc.get('ready') else 'no'}"]
+    secrets = doc.get("secrets") or []
+    rows = [["SECRET", "VERSION", "STAGES", "CHECKED", "LAST REFRESH", "STATE"]]
+    for s in secrets:
+        state = "ok"
+        if s.get("stale"):
+            state = "STALE"
+        if s.get("last_error"):
+            state += f" ({s['last_error']})"
+        rows.append(
+            [
+                str(s.get("name")),
+                str(s.get("version_id") or "-"),
+                _stages_of(s) or "-",
+                _ago(s.get("age_seconds")),
+                _time(s.get("last_refresh")),
+                state,
+            ]
+        )
+    lines += ["", *_table(rows)] if secrets else ["", "no secrets loaded"]
+    templates = doc.get("templates") or []
+    if templates:
+        rows = [["TEMPLATE", "DESTINATION", "RENDERS", "LAST RENDER", "LAST NOTIFY", "STATE"]]
+        for t in templates:
+            rows.append(
+                [
+                    str(t.get("name", "-")),
+                    str(t.get("destination")),
+                    str(t.get("renders", 0)),
+                    _time(t.get("last_render")),
+                    _time(t.get("last_notify")),
+                    f"ERROR ({t['error']})" if t.get("error") else "ok",
+                ]
+            )
+        lines += ["", *_table(rows)]
+    return "\n".join(lines)
+
+
+def _stages_of(s: dict[str, Any]) -> str:
+    """The stages carried by the secret's CURRENT version (``CURRENT,PREVIOUS``...)."""
+    vid = s.get("version_id")
+    stages = s.get("stages") or {}
+    return ",".join(stage for stage, v in sorted(stages.items()) if v == vid)
+
+
+def _ago(seconds: object) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _time(iso: object) -> str:
+    """``2026-12-01T23:15:14.123+00:00`` as ``2026-12-01 23:15:14``."""
+    if not isinstance(iso, str) or not iso:
+        return "-"
+    return iso.replace("T", " ")[:19]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from agent.config import OnChangeConfig, WaitConfig
 from agent.metrics import Metrics
+from agent.types import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Notifier:
         self.child_pid = child_pid
         self.clock = clock
         self.sent = 0
+        self.last_sent: str | None = None  # ISO time of the last notification
         self._changed = asyncio.Event()
         self._last_change = 0.0
 
@@ -75,6 +77,7 @@ class Notifier:
         if cfg is None:
             return
         self.sent += 1
+        self.last_sent = utcnow().isoformat()
         if cfg.signal is not None:
             self._signal(cfg)
         if cfg.command is not None:

@@ -53,6 +53,11 @@ class _Template:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """The ``template`` label of the render metrics: bounded by the config."""
+        return self.cfg.name or str(self.index)
+
+    @property
     def where(self) -> str:
         return f"templates[{self.index}] ({self.cfg.destination})"
 
@@ -83,6 +88,7 @@ class Renderer:
         self.child_pid = child_pid
         self.audit = audit
         self._templates = [self._new(i, cfg) for i, cfg in enumerate(templates)]
+        metrics.zero_template_errors([t.label for t in self._templates])
         self._group: asyncio.TaskGroup | None = None
 
     def _new(self, index: int, cfg: TemplateConfig) -> _Template:
@@ -141,7 +147,7 @@ class Renderer:
         t.renders += 1
         t.last_render = utcnow().isoformat()
         t.error = None
-        self.metrics.renders.labels("written" if changed else "unchanged").inc()
+        self.metrics.renders.labels(t.label, "written" if changed else "unchanged").inc()
         if changed and self.audit is not None:
             for name, secret in secrets.items():
                 self.audit.record(
@@ -169,7 +175,7 @@ class Renderer:
             reason = f"unexpected {type(exc).__name__}"
         message = f"{t.where}: {reason}"
         t.error = message
-        self.metrics.renders.labels("error").inc()
+        self.metrics.renders.labels(t.label, "error").inc()
         return message
 
     async def render_all(self) -> list[str]:
@@ -250,18 +256,21 @@ class Renderer:
             for task in t.tasks:
                 task.cancel()
         self._templates = new_list
+        self.metrics.zero_template_errors([t.label for t in new_list])
 
     def status(self) -> dict[str, Any]:
         """Per-template status for ``/v1/status`` (never values)."""
         return {
             "templates": [
                 {
+                    "name": t.label,
                     "destination": str(t.cfg.destination),
                     "format": t.cfg.format,
                     "renders": t.renders,
                     "last_render": t.last_render,
                     "error": t.error,
                     "notifications": t.notifier.sent,
+                    "last_notify": t.notifier.last_sent,
                 }
                 for t in self._templates
             ]

@@ -52,8 +52,10 @@ def _snapshot(dest: Path, expected: bytes | dict[str, bytes]) -> list[tuple[int,
     return out
 
 
-def _renders(r: Renderer, outcome: str) -> float:
-    value = r.metrics.registry.get_sample_value("secrets_agent_renders_total", {"outcome": outcome})
+def _renders(r: Renderer, outcome: str, template: str = "0") -> float:
+    value = r.metrics.registry.get_sample_value(
+        "secrets_agent_renders_total", {"template": template, "outcome": outcome}
+    )
     return value or 0.0
 
 
