@@ -157,7 +157,12 @@ DESCRIPTIONS = {
     "render.cleanup_on_exit": "Remove rendered files on graceful shutdown.",
     "rotation": "Scheduled rotations.",
     "rotation[].secret": "The secret rotated.",
-    "rotation[].every": "Interval between rotations.",
+    "rotation[].every": "Interval between rotations (at least `1s`; slots aligned to the "
+    "epoch). Give `every` or `cron`.",
+    "rotation[].cron": "A cron expression (UTC; 5 fields, or 6 with seconds last).",
+    "rotation[].window": "A rotation may start this long after its slot begins, no later.",
+    "rotation[].flag_after_failures": "Failed attempts in a row after which `/v1/status` "
+    "flags the secret.",
     "rotation[].rotator": "A registered rotator (`random`, `postgres`, `command`).",
     "rotation[].params": "The rotator's parameters.",
     "retention": "How many old versions the store keeps.",

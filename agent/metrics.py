@@ -275,11 +275,16 @@ class Metrics:
         self.version_checks.labels("error")
         for trigger in REFRESH_TRIGGERS:
             self.refreshes.labels(trigger, "error")
-        for step in ROTATION_STEPS:
-            self.rotations.labels(step, "error")
         for kind in ("signal", "command"):
             self.notifications.labels(kind, "error")
         self.config_reloads.labels("rejected")
+
+    def zero_rotation_errors(self, secrets: list[str]) -> None:
+        """Create the failure series of each rotation rule's secret at 0."""
+        for secret in secrets:
+            self.rotations_done.labels(secret, "failed")
+            for step in ROTATION_STEPS:
+                self.rotations.labels(secret, step, "failed")
 
     def zero_template_errors(self, templates: list[str]) -> None:
         """Create ``secrets_agent_renders_total{template, outcome="error"}`` at 0."""

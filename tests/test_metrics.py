@@ -20,8 +20,11 @@ def test_error_series_exist_at_zero_before_any_error() -> None:
     m = Metrics()
     for trigger in REFRESH_TRIGGERS:
         assert _value(m, "secrets_agent_refreshes_total", trigger=trigger, outcome="error") == 0
+    m.zero_rotation_errors(["prod/db"])
     for step in ROTATION_STEPS:
-        assert _value(m, "secrets_agent_rotation_steps_total", step=step, outcome="error") == 0
+        labels = {"secret": "prod/db", "step": step, "outcome": "failed"}
+        assert _value(m, "secrets_agent_rotation_steps_total", **labels) == 0
+    assert _value(m, "secrets_agent_rotations_total", secret="prod/db", outcome="failed") == 0
     assert _value(m, "secrets_agent_cache_requests_total", result="error") == 0
     assert _value(m, "secrets_agent_secret_fetches_total", outcome="unavailable") == 0
     assert _value(m, "secrets_agent_decrypts_total", outcome="refused") == 0

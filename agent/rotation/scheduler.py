@@ -162,6 +162,8 @@ class RotationScheduler:
                         gauge.remove(name)
         self.rules = list(rules)
         self.states = new
+        if self.metrics is not None:
+            self.metrics.zero_rotation_errors(list(new))
         self._wake.set()
 
     # ----------------------------------------------------------------- loop
