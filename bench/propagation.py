@@ -11,6 +11,14 @@ by the poll interval plus jitter.
     python bench/propagation.py [--rotations 100] [--poll-rotations 10]
         [--poll-interval 1s] [--store file|etcd --etcd-endpoint 127.0.0.1:2379]
 
+Rotation mode (``--mode rotation``): agent A rotates the secret on a schedule
+(``every: 1s``, the ``random`` rotator); agent B, another process on the same
+store, serves and renders it. For each rotation it measures the time from A's
+committed finish step (the time of A's ``rotated`` audit record) until B's
+socket serves the new version and until B's rendered file holds it.
+
+    python bench/propagation.py --mode rotation [--rotations 60] [--store file|etcd]
+
 Loopback and Unix sockets only; every wait is bounded.
 """
 
@@ -113,6 +121,97 @@ async def run_mode(
         }
 
 
+async def run_rotation_mode(
+    *, rotations: int, store: dict[str, Any] | None, render_root: Path | None
+) -> dict[str, Any]:
+    """A rotates every second; B (same store) serves and renders; time A's commit to B."""
+    from agent.config import load_config
+    from agent.core import Core
+
+    with tempfile.TemporaryDirectory(prefix="sa-rot-") as tmp:
+        dir_a, dir_b = Path(tmp) / "a", Path(tmp) / "b"
+        dir_a.mkdir()
+        dir_b.mkdir()
+        rule = {"secret": NAME, "every": "1s", "rotator": "random", "params": {"length": 32}}
+        store_cfg = store or {"type": "file", "path": str(dir_a / "store")}
+        cfg_a = init_dir(dir_a, {"rotation": [rule], "secrets": [NAME], "store": store_cfg})
+        keys = {"local": {"type": "local", "keyring": str(dir_a / "keyring.json")}}
+        dest = render_root / f"{uuid.uuid4().hex[:8]}-rotated" if render_root else None
+        overrides_b: dict[str, Any] = {
+            "store": store_cfg,
+            "keys": keys,
+            "secrets": [NAME],
+            "refresh": {"watch": True, "interval": "60s"},
+        }
+        if dest is not None:
+            overrides_b["templates"] = [{"destination": str(dest), "secret": NAME, "format": "raw"}]
+        cfg_b = init_dir(dir_b, overrides_b)
+        core = Core.build(load_config(cfg_a))
+        await core.writer().put(NAME, b"initial")
+        await core.aclose()
+        audit_a = dir_a / "audit.log"
+        socket_lat: list[float] = []
+        file_lat: list[float] = []
+        seen: set[str] = set()
+        async with (
+            AgentProcess(cfg_b, load_config(cfg_b).listen.socket) as agent_b,
+            AgentProcess(cfg_a, load_config(cfg_a).listen.socket),
+        ):
+            deadline = time.monotonic() + rotations * 1.5 + 30
+            while len(socket_lat) < rotations and time.monotonic() < deadline:
+                async with agent_b.session.get(f"http://localhost/v1/secrets/{NAME}") as resp:
+                    doc = await resp.json() if resp.status == 200 else {}
+                version = doc.get("version_id")
+                t_sock = time.time()
+                if not version or version in seen or doc.get("value") == "initial":
+                    await asyncio.sleep(0.0005)
+                    continue
+                seen.add(version)
+                value = str(doc["value"]).encode()
+                t_file = t_sock
+                while dest is not None and time.time() < t_sock + TIMEOUT:
+                    try:
+                        if dest.read_bytes() == value:
+                            t_file = time.time()
+                            break
+                    except OSError:
+                        pass
+                    await asyncio.sleep(0.0005)
+                committed = _rotated_at(audit_a, version)
+                if committed is None:
+                    await asyncio.sleep(0.05)
+                    committed = _rotated_at(audit_a, version)
+                if committed is None:
+                    continue  # rotated before the audit line was readable: skip
+                socket_lat.append(max(0.0, t_sock - committed))
+                file_lat.append(max(0.0, t_file - committed))
+            failures = await agent_b.metric("secrets_agent_refreshes_total", outcome="error")
+        if dest is not None:
+            dest.unlink(missing_ok=True)
+        return {
+            "socket": socket_lat,
+            "file": file_lat if dest is not None else [],
+            "rotations": len(socket_lat),
+            "refresh_errors": failures,
+        }
+
+
+def _rotated_at(audit: Path, version: str) -> float | None:
+    """Wall-clock time of agent A's ``rotated`` record for ``version``."""
+    import json
+    from datetime import datetime
+
+    try:
+        lines = audit.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        rec = json.loads(line)
+        if rec.get("event") == "rotated" and rec.get("version") == version:
+            return datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
+    return None
+
+
 def report(label: str, result: dict[str, Any]) -> None:
     print(summary(f"{label}: to socket", result["socket"]))
     if result["file"]:
@@ -126,6 +225,7 @@ def report(label: str, result: dict[str, Any]) -> None:
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["put", "rotation"], default="put")
     parser.add_argument("--rotations", type=int, default=100)
     parser.add_argument("--poll-rotations", type=int, default=10)
     parser.add_argument("--poll-interval", default="1s")
@@ -145,6 +245,15 @@ async def main() -> int:
             "prefix": f"/bench-{uuid.uuid4().hex[:8]}",
         }
     render_root = None if args.render_dir == "none" else Path(args.render_dir)
+    if args.mode == "rotation":
+        result = await run_rotation_mode(
+            rotations=args.rotations, store=store, render_root=render_root
+        )
+        print(summary(f"rotation in A ({args.store}) -> B socket", result["socket"]))
+        if result["file"]:
+            print(summary(f"rotation in A ({args.store}) -> B file", result["file"]))
+        print(f"agent B refresh errors: {result['refresh_errors']:.0f}")
+        return 0
     push = await run_mode(
         push=True,
         rotations=args.rotations,
