@@ -39,6 +39,8 @@ from bench._agentproc import AgentProcess, init_dir, percentile, summary
 
 NAME = "bench/rotating"
 TIMEOUT = 10.0
+#: Rotation mode polls agent B's socket this often (each poll is a full request).
+POLL = 0.002
 
 
 async def _wait(check: Any, deadline: float) -> float | None:
@@ -164,7 +166,7 @@ async def run_rotation_mode(
                 version = doc.get("version_id")
                 t_sock = time.time()
                 if not version or version in seen or doc.get("value") == "initial":
-                    await asyncio.sleep(0.0005)
+                    await asyncio.sleep(POLL)
                     continue
                 seen.add(version)
                 value = str(doc["value"]).encode()
