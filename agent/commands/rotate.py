@@ -14,7 +14,7 @@ from agent.core import Core
 from agent.errors import AgentError, BadRequest, ConfigError, SecretNotFound
 from agent.registry import load_backend
 from agent.rotation.base import ROTATORS, RotationFailed, Rotator
-from agent.rotation.engine import ADHOC, RotationEngine, RotationResult
+from agent.rotation.engine import ADHOC, RotationEngine, RotationResult, StepUnavailable
 from agent.rotation.schedule import iso
 from agent.rotation.scheduler import check_due, schedule_of
 from agent.types import PENDING, validate_name
@@ -94,9 +94,10 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
     try:
         result = run_async(with_core(config, go))
-    except RotationFailed as exc:
+    except (RotationFailed, StepUnavailable) as exc:
+        kind = "failed" if isinstance(exc, RotationFailed) else "stopped (transient)"
         err(
-            f"rotation of {args.name} failed at step {exc.step or '?'}: {exc.message}; "
+            f"rotation of {args.name} {kind} at step {exc.step or '?'}: {exc.message}; "
             "CURRENT is unchanged, run rotate again to resume"
         )
         return EXIT_FAILURE

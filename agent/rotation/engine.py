@@ -50,6 +50,14 @@ ADHOC = "(adhoc)"
 Outcome = Literal["rotated", "already_current", "superseded"]
 
 
+class StepUnavailable(BackendUnavailable):
+    """A step met a transient error (store, key provider or target unreachable)."""
+
+    def __init__(self, message: str, *, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass(frozen=True, slots=True)
 class RotationResult:
     """What one attempt did."""
@@ -365,7 +373,7 @@ class _Run:
             raise RotationFailed(exc.message, step=step) from None
         except BackendUnavailable as exc:
             record(self.name, self.token, self.label, step, "unavailable", exc.message)
-            raise
+            raise StepUnavailable(exc.message, step=step) from None
         except AgentError as exc:
             record(self.name, self.token, self.label, step, "failed", exc.message)
             raise RotationFailed(exc.message, step=step) from None

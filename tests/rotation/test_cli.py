@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 from collections.abc import Iterator
@@ -99,3 +100,23 @@ def test_a_failing_command_leaves_current_and_a_dry_run_shows_where_it_resumes(
     steps = [(r["stage"], r["outcome"]) for r in audit if r["event"] == "rotation_step"]
     assert ("test", "failed") in steps and steps[-1] == ("finish", "ok")
     assert all("rotated-value" not in json.dumps(r) for r in audit)
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rotate-api-key.sh"
+
+
+def test_the_example_command_rotator_rotates_an_api_key(env: AgentEnv, tmp_path: Path) -> None:
+    keys = tmp_path / "service" / "keys"
+    env.put("app/api-key", "first-key")
+    env_param = "env=" + json.dumps({"API_KEYS_FILE": str(keys)})
+    params = ["--param", f"command={EXAMPLE}", "--param", env_param]
+    code, _, err = env.cli("rotate", "app/api-key", "--rotator", "command", *params)
+    assert code == 1 and "stopped (transient) at step set" in err  # exit 75: no directory
+    keys.parent.mkdir()
+    code, out, err = env.cli("rotate", "app/api-key", "--rotator", "command", *params)
+    assert code == 0, err
+    assert "(resumed)" in out
+    _, value, _ = env.cli("get", "app/api-key")
+    assert len(value) == 43 and value != "first-key"
+
+    assert keys.read_text().split() == [hashlib.sha256(value.encode()).hexdigest()]

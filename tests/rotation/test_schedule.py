@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.config import parse_config
 from agent.errors import ConfigError
@@ -86,3 +88,20 @@ def test_good_rules_parse() -> None:
     )
     assert config.rotation[0].every == 30 * 86400 and config.rotation[1].window == 7200
     assert config.rotation[0].flag_after_failures == 3
+
+
+def test_the_rotation_example_in_config_agent_yaml_works_as_written(tmp_path: Path) -> None:
+    """Uncommenting the example rules under ``rotation:`` gives a valid config."""
+    text = (Path(__file__).resolve().parents[2] / "config" / "agent.yaml").read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("rotation:"))
+    example = ["rotation:"]
+    for line in lines[start + 1 :]:
+        if not line.startswith("  # "):
+            break
+        example.append("  " + line[4:])
+    doc = yaml.safe_load("\n".join(example))
+    config = parse_config(doc, base_dir=tmp_path)
+    assert [r.secret for r in config.rotation] == ["prod/db", "app/api-token"]
+    assert config.rotation[0].every == 30 * 86400 and config.rotation[0].window == 7200
+    assert config.rotation[1].cron == "0 4 1 * *"
