@@ -35,9 +35,10 @@ from agent.audit import Auditor, NullAudit
 from agent.errors import AgentError, BackendUnavailable, Conflict, NotFound, SecretNotFound
 from agent.metrics import Metrics
 from agent.resolver import Resolver
+from agent.retention import prune_quietly
 from agent.rotation.base import STEPS, RotationContext, RotationFailed, Rotator
 from agent.stores.base import StageState
-from agent.types import CURRENT, PENDING, PREVIOUS, Secret, SecretValue, validate_name
+from agent.types import CURRENT, PENDING, PREVIOUS, Secret, SecretValue, utcnow, validate_name
 from agent.writer import SecretWriter
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,11 @@ class RotationEngine:
             new = finished(stages, token)
             try:
                 await self.writer.apply_stages(name, new, expected_revision=state.revision)
-                return
             except Conflict:
                 continue
+            if self.writer.retention is not None:
+                await prune_quietly(self.writer.store, name, self.writer.retention, now=utcnow())
+            return
         raise BackendUnavailable(f"the stage map of {name!r} kept changing; will retry")
 
     # ---------------------------------------------------------------- helpers

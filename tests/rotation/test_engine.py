@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from agent.errors import BackendUnavailable
+from agent.retention import RetentionPolicy
 from agent.rotation.base import RotationFailed
 from agent.types import CURRENT, PENDING, PREVIOUS
 from tests.rotation.helpers import ScriptedRotator, World
@@ -217,3 +218,23 @@ async def test_dry_run_plans_without_calling_the_rotator_or_writing() -> None:
     plan = await engine.plan("app/pw", token="tok-2")
     assert plan.token == "tok-1" and plan.resumed and plan.first_step == "test"
     assert "resume PENDING" in plan.describe()
+
+
+async def test_a_finished_rotation_prunes_old_unstaged_versions_by_the_retention_policy() -> None:
+    world = World()
+    first = await world.put("app/pw", b"v0")
+    tokens = []
+    for i in range(4):
+        engine = world.engine()
+        engine.writer.retention = RetentionPolicy(keep_unstaged=1)
+        token = f"tok-{i}"
+        await engine.rotate("app/pw", ScriptedRotator(f"v{i + 1}".encode()), token=token)
+        tokens.append(token)
+    listed = [v for v, _ in await world.store.list_versions("app/pw")]
+    # CURRENT and PREVIOUS plus the newest unstaged one; the first version is gone
+    assert listed == tokens[-3:]
+    assert first not in listed
+    assert dict((await world.store.read_stages("app/pw")).stages) == {
+        CURRENT: "tok-3",
+        PREVIOUS: "tok-2",
+    }
