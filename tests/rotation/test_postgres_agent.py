@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 from agent.client import AsyncSecretsClient
 from tests.agentenv import AgentEnv
@@ -267,3 +269,49 @@ async def test_app_pool_keeps_working_across_20_scheduled_rotations(
         f"\n{rotations} rotations, {queries} queries, {failures} failed, "
         f"{connections} new connections"
     )
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    """The ``lang`` code blocks of docs/rotation.md's PostgreSQL worked example, in order."""
+    text = (ROOT / "docs" / "rotation.md").read_text()
+    example = text[text.index("### Worked example") :]
+    return re.findall(rf"```{lang}\n(.*?)```", example, flags=re.DOTALL)
+
+
+async def test_docs_worked_example_works_as_written(
+    env: AgentEnv, postgres_server: PostgresServer
+) -> None:
+    """docs/rotation.md#worked-example, run step by step (role names made unique)."""
+    app, rotator = f"app_{uuid.uuid4().hex[:8]}", f"rot_{uuid.uuid4().hex[:8]}"
+
+    def here(text: str) -> str:
+        text = re.sub(r"\bapp\b", app, text).replace("secrets_rotator", rotator)
+        text = text.replace("appdb", postgres_server.dbname).replace("db.internal", "127.0.0.1")
+        return text.replace('"port": 5432', f'"port": {postgres_server.port}')
+
+    sql, puts, commands = here(_doc_blocks("sql")[0]), _doc_blocks("sh")[0], _doc_blocks("sh")[1]
+    postgres_server.psql(sql)
+    try:
+        for name, body in re.findall(r"put (\S+) --json <<'EOF'\n(.*?)\nEOF", puts, re.DOTALL):
+            env.put(name, here(body), "--json")
+        env.configure(**yaml.safe_load(here(_doc_blocks("yaml")[0])))
+        initial = _get(env, "prod/db")
+        outputs = []
+        for line in commands.splitlines():
+            argv = line.split("#")[0].split()
+            assert argv[0] == "secrets-agent"
+            code, out, err = env.cli(*argv[1:])
+            assert code == 0, f"{line}: {err}"
+            outputs.append(out)
+        assert outputs[-1].strip() == f"{app}_clone"
+        assert await logs_in(_get(env, "prod/db")) and await logs_in(initial)
+        # The next rotation gives app a new password: only now does the initial one stop.
+        assert env.cli("rotate", "prod/db")[0] == 0
+        assert _get(env, "prod/db")["username"] == app
+        assert await logs_in(_get(env, "prod/db", "--stage", "PREVIOUS"))
+        assert not await logs_in(initial)
+    finally:
+        postgres_server.psql(
+            f"DROP OWNED BY {app}, {rotator}; DROP ROLE IF EXISTS {app}_clone; "
+            f"DROP ROLE {app}; DROP ROLE {rotator}"
+        )
