@@ -96,6 +96,11 @@ class SecretCache:
         self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
         self._listeners: list[ChangeListener] = []
         metrics.cache_stale_age.set_function(self.stale_age)  # computed at each scrape
+        # Bound once: the read path counts every answer.
+        self._answered = {
+            False: metrics.cache_requests.labels("hit"),
+            True: metrics.cache_requests.labels("stale"),
+        }
 
     # ------------------------------------------------------------------ reads
 
@@ -127,7 +132,7 @@ class SecretCache:
             secret = await self._by_stage(entry, stage or CURRENT)
         self._check_keys(secret)
         stale = entry.failing_since is not None
-        self.metrics.cache_requests.labels("stale" if stale else "hit").inc()
+        self._answered[stale].inc()
         return Lookup(secret, stale, max(0.0, self.clock() - entry.confirmed_at))
 
     def names(self) -> list[str]:
@@ -177,6 +182,8 @@ class SecretCache:
             KeyRevoked: naming the secret and the keys, never the value.
         """
         keys = self.resolver.datakeys
+        if not keys.any_revoked:
+            return
         mine = [(p, k) for p, k in secret.recipients if keys.configured(p)]
         if not mine:
             return

@@ -8,6 +8,8 @@ route templates), never from secret names, values or callers.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -24,6 +26,8 @@ REFRESH_TRIGGERS = ("startup", "poll", "watch", "request")
 #: Rotation steps, the ``step`` label of ``secrets_agent_rotation_steps_total``.
 ROTATION_STEPS = ("create", "set", "test", "finish")
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -32,6 +36,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         r = self.registry
         self.info = Info("secrets_agent_build", "Agent version.", registry=r)
         self.info.info({"version": agent.__version__})
@@ -290,3 +295,15 @@ class Metrics:
         """Create ``secrets_agent_renders_total{template, outcome="error"}`` at 0."""
         for name in templates:
             self.renders.labels(name, "error")
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, bound once and reused (for per-request paths).
+
+        ``labels()`` validates and locks on every call; the label sets are
+        small and fixed, so the children are kept here.
+        """
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[return-value]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn
@@ -142,6 +142,23 @@ class Secret:
     stages: tuple[str, ...] = ()
     #: (provider, key) of each envelope recipient: which master keys this value hangs on.
     recipients: tuple[tuple[str, str], ...] = ()
+    #: Response bodies built from this version, by kind; filled on the first read.
+    _bodies: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
+
+    def body(self, kind: str, build: Callable[[Secret], bytes]) -> bytes:
+        """The response body ``build(self)``, serialised once per version and kind.
+
+        A version's value never changes and a stage change makes a new
+        :class:`Secret` (:meth:`with_stages`), so the body needs no invalidation.
+        """
+        bodies = self._bodies
+        if bodies is None:
+            bodies = {}
+            object.__setattr__(self, "_bodies", bodies)
+        body = bodies.get(kind)
+        if body is None:
+            body = bodies[kind] = build(self)
+        return body
 
     def with_stages(self, stages: tuple[str, ...]) -> Secret:
         """Return a copy carrying ``stages``."""

@@ -15,6 +15,7 @@ from agent.commands.common import (
     EXIT_OK,
     config_path,
     err,
+    event_loop_factory,
     load,
     run_async,
     with_core,
@@ -105,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Daemon(config).run()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(main())
     return EXIT_OK
 
 

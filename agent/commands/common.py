@@ -40,6 +40,22 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main)
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the ``uvloop`` extra), else asyncio's.
+
+    ``SECRETS_AGENT_UVLOOP=0`` keeps asyncio's loop even then (to compare
+    the two, or to rule uvloop out).
+    """
+    if os.environ.get("SECRETS_AGENT_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 async def with_core(config: AgentConfig, fn: Callable[[Core], Awaitable[T]]) -> T:
     """Build the core, run ``fn`` with it, and close it whatever happens."""
     core = Core.build(config)

@@ -241,6 +241,11 @@ class DataKeys:
         """The key works again (re-enabled): forget the revocation."""
         self._revoked.pop((provider, key), None)
 
+    @property
+    def any_revoked(self) -> bool:
+        """Whether any master key is marked revoked (the read path's fast check)."""
+        return bool(self._revoked)
+
     def revoked_for(self, provider: str, key: str) -> float | None:
         """Seconds since ``key`` was seen revoked, or None if it is not."""
         since = self._revoked.get((provider, key))

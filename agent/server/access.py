@@ -87,11 +87,29 @@ class _Rule:
         return not self.stages.isdisjoint(stages)
 
 
+#: Decisions remembered per policy before the memo starts again (bounds memory).
+_MEMO_LIMIT = 65536
+
+
 class AccessPolicy:
-    """The ``access:`` rules of the config, compiled once."""
+    """The ``access:`` rules of the config, compiled once.
+
+    Decisions are remembered per (caller, name, stages): a read repeats the
+    same question, and scanning every rule with ``fnmatch`` is the costly
+    part. The memo lives and dies with the policy, which a config reload
+    replaces, so a reload takes effect at once. The caller part of the key is
+    :attr:`Caller.key` (listener, uid or token name, groups, executable), all
+    a rule can look at.
+    """
 
     def __init__(self, rules: Sequence[AccessRule]) -> None:
         self._rules = tuple(_Rule.of(i, rule) for i, rule in enumerate(rules))
+        #: Some rule names gids: callers' supplementary groups are needed.
+        self.needs_groups = any(r.gids for r in self._rules)
+        #: Some rule names an executable: it is read again on every request.
+        self.needs_exe = any(r.exe for r in self._rules)
+        self._memo: dict[tuple[object, ...], Decision] = {}
+        self._listable: dict[tuple[object, ...], bool] = {}
 
     def _matching(self, caller: Caller, name: str) -> Iterator[_Rule]:
         for rule in self._rules:
@@ -106,6 +124,16 @@ class AccessPolicy:
         by version id passes the stages that version carries: one of them
         must be allowed, unless a rule allows ``"*"``.
         """
+        key = (caller.key, name, None if stages is None else tuple(stages))
+        decision = self._memo.get(key)
+        if decision is None:
+            decision = self._decide(caller, name, key[2])
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[key] = decision
+        return decision
+
+    def _decide(self, caller: Caller, name: str, stages: Iterable[str] | None) -> Decision:
         wanted = {normalize_stage(s) for s in stages} if stages is not None else None
         matched = False
         for rule in self._matching(caller, name):
@@ -119,4 +147,11 @@ class AccessPolicy:
 
     def may_list(self, caller: Caller, name: str) -> bool:
         """Whether ``name`` appears in this caller's ``GET /v1/secrets`` and status."""
-        return next(self._matching(caller, name), None) is not None
+        key = (caller.key, name)
+        listable = self._listable.get(key)
+        if listable is None:
+            listable = next(self._matching(caller, name), None) is not None
+            if len(self._listable) >= _MEMO_LIMIT:
+                self._listable.clear()
+            self._listable[key] = listable
+        return listable

@@ -65,9 +65,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     info = request.match_info.route.resource
     route = info.canonical if info is not None else "unmatched"
     listener = request.app[LISTENER]
-    registry = request.app[STATE].metrics
-    registry.http_requests.labels(listener, route, str(response.status)).inc()
-    registry.http_request_seconds.labels(listener, route).observe(time.perf_counter() - started)
+    m = request.app[STATE].metrics
+    m.child(m.http_requests, listener, route, str(response.status)).inc()
+    m.child(m.http_request_seconds, listener, route).observe(time.perf_counter() - started)
     return response
 
 
@@ -75,6 +75,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def _query(request: web.Request, allowed: frozenset[str]) -> dict[str, str]:
+    if not request.query_string:
+        return {}
     query = request.rel_url.query
     unknown = sorted(set(query) - allowed)
     if unknown:
@@ -111,6 +113,17 @@ def secret_document(secret: Secret) -> dict[str, Any]:
     else:
         doc["value"] = secret.value.text()
     return doc
+
+
+def _native_body(secret: Secret) -> bytes:
+    return json.dumps(secret_document(secret)).encode()
+
+
+def json_body_response(body: bytes, *, headers: dict[str, str]) -> web.Response:
+    """A JSON response from a body serialised before (as :func:`web.json_response` says it)."""
+    return web.Response(
+        body=body, content_type="application/json", charset="utf-8", headers=headers
+    )
 
 
 def _headers(lookup: Lookup) -> dict[str, str]:
@@ -156,7 +169,7 @@ async def get_secret(request: web.Request) -> web.StreamResponse:
         return web.Response(
             body=secret.value.reveal(), content_type=ctype, headers=_headers(lookup)
         )
-    return web.json_response(secret_document(secret), headers=_headers(lookup))
+    return json_body_response(secret.body("native", _native_body), headers=_headers(lookup))
 
 
 async def list_secrets(request: web.Request) -> web.StreamResponse:

@@ -23,7 +23,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -130,8 +132,14 @@ async def _get_secret_value(
             aws_type="InvalidRequestException",
         ) from None
     region = request.app[STATE].region
-    doc = get_secret_value_document(lookup.secret, region=region)
-    return web.json_response(doc, headers=_NO_STORE)
+    body = lookup.secret.body(f"aws:{region}", partial(_aws_body, region=region))
+    return web.Response(
+        body=body, content_type="application/json", charset="utf-8", headers=_NO_STORE
+    )
+
+
+def _aws_body(secret: Secret, *, region: str) -> bytes:
+    return json.dumps(get_secret_value_document(secret, region=region)).encode()
 
 
 async def get_secret_value(request: web.Request) -> web.StreamResponse:

@@ -23,7 +23,7 @@ from aiohttp.typedefs import Middleware
 from agent.config import TcpListenConfig, read_secret_ref
 from agent.errors import ConfigError
 from agent.server.errors import ApiError, Handler
-from agent.server.peer import Caller, unix_peer
+from agent.server.peer import Caller
 from agent.server.state import CALLER, LISTENER, STATE
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,10 @@ def only_get(request: web.Request) -> None:
 
 
 def unix_identity(request: web.Request) -> None:
-    """Attach the Unix-socket caller from ``SO_PEERCRED``."""
-    request[CALLER] = unix_peer(request)
+    """Attach the Unix-socket caller from ``SO_PEERCRED`` (read once per connection)."""
+    state = request.app[STATE]
+    policy = state.policy
+    request[CALLER] = state.peers.caller(request, groups=policy.needs_groups, exe=policy.needs_exe)
 
 
 class TokenAuth:

@@ -8,6 +8,14 @@ pid namespace reads as 0, an agent not running as root (or as the caller's
 uid) may not read another user's ``/proc/<pid>/exe``, and a process can exec
 another binary after connecting. A rule naming ``exe`` therefore fails closed
 when the executable is unknown.
+
+``SO_PEERCRED`` belongs to the connection, so the identity is read once per
+connection (:class:`PeerIdentities`), not once per request: the executable
+once (it names the caller in audit records), the supplementary groups only
+while some rule names ``gids``. While some rule names ``exe``, the executable
+is read again on every request, so a process that execs another binary and
+keeps its connection open is checked as that binary (a new connection from
+the same pid reads everything afresh anyway).
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -39,6 +48,12 @@ class Caller:
     groups: frozenset[int] = field(default_factory=frozenset)
     exe: str | None = None
     token: str | None = None
+    #: What access decisions depend on (not the pid), for the decision cache.
+    key: tuple[object, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ident = self.token if self.listener == "tcp" else self.uid
+        object.__setattr__(self, "key", (self.listener, ident, self.groups, self.exe))
 
     def describe(self) -> dict[str, object]:
         """Fields for audit records and logs (no secrets, no token values)."""
@@ -72,26 +87,72 @@ def executable(pid: int) -> str | None:
         return None
 
 
-def unix_peer(request: web.Request) -> Caller:
-    """The caller on a Unix-socket request, from ``SO_PEERCRED``.
-
-    Returns a caller with no uid if the kernel does not say; such a caller
-    matches no rule.
-    """
+def _peercred(request: web.Request) -> tuple[int, int, int] | None:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family != socket.AF_UNIX:
-        return Caller("unix")
+        return None
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except OSError:
-        return Caller("unix")
+        return None
     pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def unix_peer(request: web.Request, *, groups: bool = True) -> Caller:
+    """The caller on a Unix-socket request, from ``SO_PEERCRED`` (read now, not cached).
+
+    Returns a caller with no uid if the kernel does not say; such a caller
+    matches no rule. ``groups=False`` skips reading the supplementary groups
+    (the caller's groups are then only its primary gid).
+    """
+    cred = _peercred(request)
+    if cred is None:
+        return Caller("unix")
+    pid, uid, gid = cred
     return Caller(
         "unix",
         uid=uid,
         gid=gid,
         pid=pid,
-        groups=supplementary_groups(pid) | {gid},
+        groups=(supplementary_groups(pid) if groups else frozenset()) | {gid},
         exe=executable(pid),
     )
+
+
+@dataclass(slots=True)
+class _Known:
+    caller: Caller
+    with_groups: bool
+
+
+class PeerIdentities:
+    """The caller of each open Unix-socket connection, read once per connection.
+
+    Entries are keyed weakly by the connection's transport, so a closed
+    connection's identity goes with it.
+    """
+
+    def __init__(self) -> None:
+        self._known: weakref.WeakKeyDictionary[object, _Known] = weakref.WeakKeyDictionary()
+
+    def caller(self, request: web.Request, *, groups: bool, exe: bool) -> Caller:
+        """The caller on ``request``'s connection.
+
+        Args:
+            groups: some rule names ``gids``: the supplementary groups are needed.
+            exe: some rule names ``exe``: read the executable again now.
+        """
+        transport = request.transport
+        if transport is None:
+            return unix_peer(request, groups=groups)
+        known = self._known.get(transport)
+        if known is None or (groups and not known.with_groups):
+            known = _Known(unix_peer(request, groups=groups), groups)
+            self._known[transport] = known
+        elif exe and known.caller.pid is not None:
+            now = executable(known.caller.pid)
+            if now != known.caller.exe:
+                known.caller = replace(known.caller, exe=now)
+        return known.caller

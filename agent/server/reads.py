@@ -51,8 +51,9 @@ class _Read:
     version: str | None
 
     def decided(self, allowed: bool) -> None:
+        metrics = self.state.metrics
         decision = "allow" if allowed else "deny"
-        self.state.metrics.access_decisions.labels(self.caller.listener, decision).inc()
+        metrics.child(metrics.access_decisions, self.caller.listener, decision).inc()
 
     def record(
         self,

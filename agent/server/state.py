@@ -13,7 +13,7 @@ from agent.audit import Auditor, NullAudit
 from agent.cache import SecretCache
 from agent.metrics import Metrics
 from agent.server.access import AccessPolicy
-from agent.server.peer import Caller
+from agent.server.peer import Caller, PeerIdentities
 
 #: Read of the fields a status provider contributes to ``/v1/status``.
 StatusProvider = Callable[[], dict[str, Any]]
@@ -35,6 +35,7 @@ class ServerState:
     max_connections: int = 800
     audit: Auditor = field(default_factory=NullAudit)
     region: str = "local"
+    peers: PeerIdentities = field(default_factory=PeerIdentities)
 
 
 STATE = web.AppKey("state", ServerState)
