@@ -133,6 +133,12 @@ async def test_a_failing_rotation_keeps_current_is_flagged_and_recovers(env: Age
         assert entry["failed_step"] == "set" and entry["failures_in_a_row"] >= 2
         assert entry["pending_version"] and "status 1" in entry["last_error"]
         assert await agent.value("app/key") == b"initial"
+        # describe shows the running agent's view of the rotation.
+        code, out, _ = await asyncio.to_thread(env.cli, "describe", "app/key", "--json")
+        rot = json.loads(out)["rotation"]
+        assert code == 0 and rot["pending_version"] == entry["pending_version"]
+        assert rot["agent"]["failing"] is True and rot["agent"]["failed_step"] == "set"
+        assert rot["agent"]["failures_in_a_row"] >= 2
         fail.unlink()
 
         async def recovered() -> bool:

@@ -146,3 +146,35 @@ def test_command_params_are_checked() -> None:
         CommandRotator({"command": "/bin/true", "timeout": "soon"})
     with pytest.raises(ConfigError, match=r"params\.env"):
         CommandRotator({"command": "/bin/true", "env": {"A": 1}})
+
+
+@pytest.mark.parametrize("step", ["create", "set", "test"])
+async def test_a_command_failing_on_purpose_at_a_step_keeps_current_and_the_next_run_completes(
+    tmp_path: Path, step: str
+) -> None:
+    from tests.rotation.helpers import World
+
+    calls = tmp_path / "calls"
+    flag = tmp_path / f"fail-{step}"
+    cmd = script(
+        tmp_path,
+        f'echo "$1" >> {calls}\n'
+        f'if [ "$1" = {step} ] && [ -e {flag} ]; then exit 1; fi\n'
+        'if [ "$1" = create ]; then echo "new-$3"; fi\n',
+    )
+    world = World()
+    await world.put("app/pw", b"old")
+    engine = world.engine()
+    rotator = CommandRotator({"command": cmd})
+    flag.touch()
+    with pytest.raises(RotationFailed) as info:
+        await engine.rotate("app/pw", rotator, token="tok-1", label="app/pw")
+    assert info.value.step == step and "status 1" in info.value.message
+    assert await world.current("app/pw") == b"old"
+    flag.unlink()
+    result = await engine.rotate("app/pw", rotator, token="tok-2")
+    assert result.outcome == "rotated"
+    assert await world.current("app/pw") == f"new-{result.token}".encode()
+    lines = calls.read_text().split()
+    assert lines.count("create") == (2 if step == "create" else 1)  # never re-created
+    assert lines[-1] == "test"
