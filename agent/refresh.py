@@ -223,6 +223,10 @@ class Refresher:
                     await self._on_event(event.names)
             except BackendUnavailable as exc:
                 log.warning("store watch broke (%s); polling continues", exc.message)
+            if self.watching:
+                # The poll loop sleeps watch_interval while a watch is healthy:
+                # wake it, so an outage is noticed (stale, metrics) now, not minutes later.
+                self.poke()
             self.watching = False
             self.metrics.watch_events.labels("restart").inc()
             await asyncio.sleep(backoff.next_delay())

@@ -594,7 +594,15 @@ class PrometheusServer(ServerProcess):
 
     name = "prometheus"
 
-    def __init__(self, *, binary: str, root: Path, targets: Sequence[str]) -> None:
+    def __init__(
+        self,
+        *,
+        binary: str,
+        root: Path,
+        targets: Sequence[str],
+        rule_files: Sequence[Path] = (),
+        job: str = "test",
+    ) -> None:
         super().__init__(log_path=root / "prometheus.log")
         self.binary = binary
         self.root = root
@@ -605,8 +613,9 @@ class PrometheusServer(ServerProcess):
             "global:\n"
             "  scrape_interval: 1s\n"
             "  evaluation_interval: 1s\n"
+            f"rule_files: {json.dumps([str(p) for p in rule_files])}\n"
             "scrape_configs:\n"
-            "  - job_name: test\n"
+            f"  - job_name: {job}\n"
             "    scrape_timeout: 1s\n"
             "    static_configs:\n"
             f"      - targets: {json.dumps(self.targets)}\n"
@@ -666,9 +675,10 @@ def prometheus_server(
     binary = require(shutil.which("prometheus") or "/usr/bin/prometheus", "prometheus")
     started: list[PrometheusServer] = []
 
-    def start(targets: Sequence[str]) -> PrometheusServer:
+    def start(targets: Sequence[str], **options: Any) -> PrometheusServer:
+        """``options``: ``rule_files`` (paths of rule files to load), ``job`` (the job name)."""
         server = PrometheusServer(
-            binary=binary, root=tmp_path_factory.mktemp("prometheus"), targets=targets
+            binary=binary, root=tmp_path_factory.mktemp("prometheus"), targets=targets, **options
         )
         server.launch()
         started.append(server)
