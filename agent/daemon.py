@@ -100,6 +100,7 @@ class Daemon:
             ),
             config.rotation,
             metrics=self.metrics,
+            on_rotated=self._rotated,
         )
         self.background.append(self.rotation.run)
         self.state.status_providers.append(self.rotation.status)
@@ -109,6 +110,12 @@ class Daemon:
         self._runners: list[web.AppRunner] = []
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = [self.rotation.reconfigure]
+
+    async def _rotated(self, name: str) -> None:
+        """Serve a rotation made here at once, without waiting for a watch or poll."""
+        if name in self.cache.names() or matches(name, self.refresher.patterns):
+            with contextlib.suppress(AgentError):
+                await self.cache.refresh(name, trigger="request")
 
     def _key_status(self) -> dict[str, Any]:
         """Each key provider's last error and key (never key material), for /v1/status."""

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,8 @@ class RotationScheduler:
     engine: RotationEngine
     rules: Sequence[RotationConfig]
     metrics: Metrics | None = None
+    #: Called after a completed rotation (the daemon refreshes its cache at once).
+    on_rotated: Callable[[str], Awaitable[None]] | None = None
     states: dict[str, RuleState] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _retired: list[Rotator] = field(default_factory=list)
@@ -213,6 +215,8 @@ class RotationScheduler:
         st.last_result = result.outcome
         if result.outcome == "rotated":
             st.last_success = time.time()
+            if self.on_rotated is not None:
+                await self.on_rotated(name)
         # Look again at once: a resumed older PENDING may leave this slot's rotation to do.
         st.next_at = time.time() if result.resumed else st.schedule.slot_at(time.time()).end
         self._gauge_next(st)

@@ -171,3 +171,19 @@ async def test_rotation_rules_follow_a_config_reload(env: AgentEnv) -> None:
             return value not in (None, b"initial")
 
         await until(rotated)
+
+
+async def test_the_rotating_agent_serves_its_own_rotation_at_once_without_watch_or_poll(
+    env: AgentEnv,
+) -> None:
+    env.configure(
+        refresh={"watch": False, "interval": "1h"},
+        rotation=[{"secret": "app/t", "every": "1s", "rotator": "random"}],
+    )
+    env.put("app/t", "initial")
+    async with env.running() as agent:
+
+        async def rotated() -> bool:
+            return await agent.value("app/t") not in (None, b"initial")
+
+        await until(rotated, timeout=10)
