@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -34,8 +35,9 @@ async def rotation_status(agent: RunningAgent) -> dict[str, Any]:
 
 
 async def test_a_scheduled_rotation_is_served_on_the_socket_and_reaches_a_rendered_file(
-    env: AgentEnv,
+    env: AgentEnv, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     dest = env.dir / "rendered" / "pw"
     dest.parent.mkdir(mode=0o700)
     env.configure(
@@ -89,10 +91,15 @@ async def test_a_scheduled_rotation_is_served_on_the_socket_and_reaches_a_render
             )
             or 0
         ) >= 2
-        # No value in the status document.
+        # No value in the status document, the metrics, the audit log or the log.
         _, _, body = await agent.get("/v1/status")
+        _, _, metrics_text = await agent.get("/metrics")
+        audit = (env.dir / "audit.log").read_bytes()
+        assert b'"event":"rotated"' in audit and b'"event":"rotation_step"' in audit
+        logged = "\n".join(r.getMessage() for r in caplog.records).encode()
         for value in seen:
-            assert value not in body
+            for text in (body, metrics_text, audit, logged):
+                assert value not in text
 
 
 async def test_a_failing_rotation_keeps_current_is_flagged_and_recovers(env: AgentEnv) -> None:
