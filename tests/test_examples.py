@@ -221,7 +221,7 @@ def test_systemd_unit_verifies_and_matches_its_config(tmp_path: Path) -> None:
     for directive in (
         "ProtectSystem=strict",
         "RuntimeDirectory=secrets-agent",
-        "StateDirectory=secrets-agent",
+        "StateDirectory=secrets-agent secrets-agent/store",
         "NoNewPrivileges=yes",
         "PrivateTmp=yes",
         "CapabilityBoundingSet=\n",
