@@ -1,8 +1,8 @@
-"""docs/configuration.md's field reference is generated from the config model."""
+"""docs/configuration.md and docs/cli.md are generated from the config model and the parser."""
 
 from __future__ import annotations
 
-from agent import config_docs
+from agent import cli_docs, config_docs
 
 
 def test_every_config_field_has_a_description() -> None:
@@ -28,3 +28,11 @@ def test_the_reference_names_types_and_defaults_from_the_model() -> None:
     assert '| `templates[].mode` | mode ("0400") | `"0400"` |' in ref
     assert "| `store.bucket` (s3) | string | required |" in ref
     assert "| `datakeys.cache_capacity` | integer > 0 | `1024` |" in ref
+
+
+def test_the_committed_cli_reference_is_current() -> None:
+    assert cli_docs.DOC.read_text(encoding="utf-8") == cli_docs.reference(), (
+        "docs/cli.md is stale: a command or flag changed. Regenerate it with\n"
+        f"    .venv/bin/{cli_docs.REGENERATE}\n"
+        "and commit the result."
+    )

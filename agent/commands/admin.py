@@ -291,7 +291,7 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--socket", help="the agent's socket (default: from the config)")
         if name == "status":
-            p.add_argument("--json", action="store_true")
+            p.add_argument("--json", action="store_true", help="the status document, for scripts")
         else:
             p.add_argument("--ready", action="store_true", help="check readiness instead")
         p.set_defaults(func=func)
