@@ -136,10 +136,20 @@ async def run_rotation_mode(
         dir_b.mkdir()
         rule = {"secret": NAME, "every": "1s", "rotator": "random", "params": {"length": 32}}
         store_cfg = store or {"type": "file", "path": str(dir_a / "store")}
-        cfg_a = init_dir(dir_a, {"rotation": [rule], "secrets": [NAME], "store": store_cfg})
+        cfg_a = init_dir(
+            dir_a,
+            {
+                "rotation": [rule],
+                "secrets": [NAME],
+                "store": store_cfg,
+                "audit": {"path": str(dir_a / "audit.log")},  # the commit times are read here
+                "listen": {"socket": str(dir_a / "agent.sock")},
+            },
+        )
         keys = {"local": {"type": "local", "keyring": str(dir_a / "keyring.json")}}
         dest = render_root / f"{uuid.uuid4().hex[:8]}-rotated" if render_root else None
         overrides_b: dict[str, Any] = {
+            "listen": {"socket": str(dir_b / "agent.sock")},
             "store": store_cfg,
             "keys": keys,
             "secrets": [NAME],
@@ -188,6 +198,8 @@ async def run_rotation_mode(
                 socket_lat.append(max(0.0, t_sock - committed))
                 file_lat.append(max(0.0, t_file - committed))
             failures = await agent_b.metric("secrets_agent_refreshes_total", outcome="error")
+        if not socket_lat:
+            raise RuntimeError("no rotation observed; is agent A rotating? see its agent.log")
         if dest is not None:
             dest.unlink(missing_ok=True)
         return {
