@@ -9,7 +9,10 @@
 # renders files under /run/secrets-agent (a tmpfs, or in Kubernetes an
 # emptyDir with medium: Memory shared with the app), and writes its audit log
 # to stdout (`audit.path: "-"`, what `secrets-agent init` writes). Nothing
-# else is written. examples/kubernetes/ has complete manifests.
+# else is written. /var/lib/secrets-agent (owned by the agent) is where a
+# volume for a keyring or file store that the agent writes goes; a new named
+# volume mounted there inherits that ownership. examples/kubernetes/ has
+# complete manifests.
 #
 # Not run in CI (no Docker engine there): the build itself. The tests check
 # that every path this file copies exists and that the image's command line
@@ -38,8 +41,9 @@ LABEL org.opencontainers.image.title="secrets-agent" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.11-slim-bookworm"
 RUN useradd --system --uid 10001 --user-group --home-dir /nonexistent \
         --shell /usr/sbin/nologin agent \
- && mkdir -p /run/secrets-agent /etc/secrets-agent \
- && chown agent:agent /run/secrets-agent && chmod 0755 /run/secrets-agent
+ && mkdir -p /run/secrets-agent /etc/secrets-agent /var/lib/secrets-agent \
+ && chown agent:agent /run/secrets-agent /var/lib/secrets-agent \
+ && chmod 0755 /run/secrets-agent && chmod 0700 /var/lib/secrets-agent
 COPY --from=build /install /usr/local
 USER 10001:10001
 ENV SECRETS_AGENT_CONFIG=/etc/secrets-agent/agent.yaml \
