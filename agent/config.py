@@ -30,6 +30,16 @@ from pydantic import (
     model_validator,
 )
 
+from agent.bounded import (
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_SIZE,
+    MAX_JSON_DEPTH,
+    MAX_OBJECT_SIZE,
+    Limits,
+    TooLarge,
+    read_capped,
+    yaml_depth_ok,
+)
 from agent.errors import ConfigError
 
 # --------------------------------------------------------------------------- scalar types
@@ -239,8 +249,35 @@ class DataKeysConfig(_Model):
     max_messages: PositiveInt = 1000
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1048576``, ``"64KiB"``, ``"1MiB"`` or ``"1GiB"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and int(m.group(1)) > 0:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f'expected a size like "64KiB" or "1MiB", got {value!r}')
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
 class _StoreBase(_Model):
     id: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: Envelopes and stage maps larger than this are refused before being read whole.
+    max_object_size: ByteSize = MAX_OBJECT_SIZE
+    #: JSON in store objects nested deeper than this is refused.
+    max_json_depth: Annotated[int, Field(ge=4, le=512)] = MAX_JSON_DEPTH
+
+    @property
+    def limits(self) -> Limits:
+        """The parsing caps of this store."""
+        return Limits(self.max_object_size, self.max_json_depth)
 
 
 class FileStoreConfig(_StoreBase):
@@ -632,17 +669,50 @@ def load_config(path: Path) -> AgentConfig:
         ConfigError: unreadable file, bad YAML, or invalid content.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_capped(path, limit=MAX_CONFIG_SIZE)
+    except TooLarge as exc:
+        raise ConfigError(f"config {str(path)!r} is too large: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from None
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot read config {str(path)!r}: {reason}") from None
+    return parse_config_text(raw, path=path)
+
+
+def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
+    """Decode, parse and validate the bytes of a config file (any failure: ConfigError).
+
+    Raises:
+        ConfigError: naming ``path`` and the reason: not UTF-8 (with the line),
+            invalid or too deeply nested YAML, or invalid content.
+    """
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
+            raise ConfigError(
+                f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused"
+            )
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    return parse_config(data, base_dir=path.parent, source=path)
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
+        # The YAML library's own limits (e.g. a huge number, deep aliases).
+        raise ConfigError(f"{path}: YAML could not be read ({type(exc).__name__})") from None
+    try:
+        return parse_config(data, base_dir=path.parent, source=path)
+    except ConfigError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
+        raise ConfigError(f"{path}: invalid config ({type(exc).__name__})") from None
 
 
 def default_config_path() -> Path:

@@ -1,4 +1,4 @@
-"""Wiring of the running agent: one TaskGroup, signals, reload, graceful shutdown."""
+"""Wiring of the running agent: supervised parts, signals, reload, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from agent.server.access import AccessPolicy
 from agent.server.app import STATE, ServerState, build_app, metrics
 from agent.server.tcp import start_tcp_listener
 from agent.sockets import bind_unix_site
+from agent.supervise import Supervisor, error_kind
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,15 @@ class Daemon:
             audit=self.audit,
         )
         self.cache.subscribe(self.renderer.on_secret_changed)
-        #: Extra long-running coroutines (renderer, rotation), owned by the TaskGroup.
+        #: Extra long-running coroutines (key watch, rotation), each run as a supervised
+        #: part named after its class (``KeyWatch.run`` -> ``key_watch``).
         self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.supervisor = Supervisor(
+            metrics=self.metrics,
+            backoff_initial=config.refresh.backoff_initial,
+            backoff_max=config.refresh.backoff_max,
+        )
+        self.state.status_providers.append(self.supervisor.status)
         self.keywatch = KeyWatch(self.core.providers, self.core.datakeys, metrics=self.metrics)
         self.background.append(self.keywatch.run)
         schedules = {
@@ -133,18 +141,20 @@ class Daemon:
         try:
             await self.renderer.probe()
             await self._start_listeners()
+            # From here on nothing ends the process but SIGTERM/SIGINT: a failing
+            # part is restarted alone by the supervisor.
+            for name, factory in (
+                ("startup_load", self._startup_load),
+                ("refresher", self.refresher.run),
+                ("config_watch", self._watch_config),
+                ("renderer", self.renderer.run),
+            ):
+                self.supervisor.add(factory, name=name)
             async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._startup_load()),
-                    tg.create_task(self.refresher.run()),
-                    tg.create_task(self._watch_config()),
-                    tg.create_task(self.renderer.run()),
-                    *(tg.create_task(t()) for t in self.background),
-                ]
+                parts = tg.create_task(self.supervisor.run(self.background))
                 await self.shutdown.wait()
                 log.info("shutting down")
-                for task in tasks:
-                    task.cancel()
+                parts.cancel()
         finally:
             await self._stop_listeners()
             await self.renderer.cleanup()
@@ -229,15 +239,29 @@ class Daemon:
         if source is None:
             log.warning("reload requested but the config was not loaded from a file")
             return
-        self.audit.reopen()
+        # Called from a signal handler and the config watch: it must never raise.
         try:
+            self.audit.reopen()
             new = load_config(Path(source))
         except ConfigError as exc:
-            self.metrics.config_reloads.labels("rejected").inc()
-            self.audit.record("config_reloaded", outcome="rejected", reason=exc.message[:500])
-            log.error("config reload rejected, keeping the running config: %s", exc.message)
+            self._reject(exc.message)
             return
-        self.apply(new)
+        except Exception as exc:  # a loader bug must not kill the agent or the watch
+            self._reject(f"{source}: could not be loaded ({error_kind(exc)})")
+            return
+        old = self.config
+        try:
+            self.apply(new)
+        except Exception as exc:
+            self._reject(f"{source}: could not be applied ({error_kind(exc)})")
+            with contextlib.suppress(Exception):
+                self.apply(old, announce=False)  # put the parts back as they were
+
+    def _reject(self, message: str) -> None:
+        self.metrics.config_reloads.labels("rejected").inc()
+        with contextlib.suppress(Exception):
+            self.audit.record("config_reloaded", outcome="rejected", reason=message[:500])
+        log.error("config reload rejected, keeping the running config: %s", message)
 
     async def _watch_config(self) -> None:
         """Reload when the config file changes (editors replace it: watch its directory)."""
@@ -248,19 +272,18 @@ class Daemon:
         def is_config(_change: object, changed: str) -> bool:
             return Path(changed).name == path.name
 
-        try:
-            async for _ in watchfiles.awatch(
-                path.parent, watch_filter=is_config, recursive=False, debounce=200, step=50
-            ):
-                self.request_reload()
-        except (OSError, RuntimeError) as exc:
-            log.warning("not watching the config file for changes: %s; SIGHUP still reloads", exc)
+        # A failure here (e.g. the directory gone, inotify limits) ends this part;
+        # the supervisor restarts the watch with backoff. SIGHUP reloads meanwhile.
+        async for _ in watchfiles.awatch(
+            path.parent, watch_filter=is_config, recursive=False, debounce=200, step=50
+        ):
+            self.request_reload()
 
-    def apply(self, new: AgentConfig) -> None:
+    def apply(self, new: AgentConfig, *, announce: bool = True) -> None:
         """Apply a validated config; parts that need a restart keep their old values."""
         old = self.config
         for part in ("store", "keys", "write_keys", "listen", "metrics", "datakeys"):
-            if getattr(old, part) != getattr(new, part):
+            if announce and getattr(old, part) != getattr(new, part):
                 log.warning("config reload: %r changed; it takes effect after a restart", part)
         setup_logging(new.log)
         self.state.policy = AccessPolicy(new.access)
@@ -284,6 +307,8 @@ class Daemon:
                 "datakeys": old.datakeys,
             }
         )
+        if not announce:
+            return
         self.metrics.config_reloads.labels("applied").inc()
         self.audit.record("config_reloaded", outcome="applied")
         log.info("config reloaded from %s", new.source)

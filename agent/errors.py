@@ -113,6 +113,14 @@ class BackendUnavailable(AgentError):
         self.retry_after = retry_after
 
 
+class MalformedStoreData(BackendUnavailable):
+    """Transient: the store answered, but an object in it (a stage map) is malformed,
+    too large or too deeply nested. Cached values stay in service until it is fixed.
+    """
+
+    code = "malformed_store_data"
+
+
 class StaleTooLong(BackendUnavailable):
     """The store has been failing for longer than ``max_stale``; no value is served."""
 

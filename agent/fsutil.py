@@ -21,8 +21,11 @@ import fcntl
 import os
 import secrets
 import stat
+import sys
 from pathlib import Path
 from types import TracebackType
+
+from agent.bounded import read_fd_capped
 
 __all__ = [
     "TEMP_SUFFIX",
@@ -55,11 +58,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_nofollow(path: Path) -> tuple[bytes, os.stat_result]:
+def read_nofollow(path: Path, *, limit: int | None = None) -> tuple[bytes, os.stat_result]:
     """The bytes and stat of the regular file ``path``, refusing a symlink there.
+
+    Args:
+        limit: refuse a file larger than this many bytes before reading it.
 
     Raises:
         FileNotFoundError: no such file.
+        TooLarge: the file is over ``limit`` (a ValueError, not an OSError).
         OSError: ELOOP if ``path`` is a symlink, EINVAL if it is not a regular
             file; any other read error.
     """
@@ -69,10 +76,7 @@ def read_nofollow(path: Path) -> tuple[bytes, os.stat_result]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks), st
+        return read_fd_capped(fd, st, limit=sys.maxsize if limit is None else limit), st
     finally:
         os.close(fd)
 

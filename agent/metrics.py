@@ -260,6 +260,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.part_restarts = Counter(
+            "secrets_agent_part_restarts_total",
+            "Restarts of a supervised daemon part after an unexpected error, by part.",
+            ["part"],
+            registry=r,
+        )
         self.ready = Gauge(
             "secrets_agent_ready", "1 once every configured secret has loaded.", registry=r
         )

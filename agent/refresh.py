@@ -3,23 +3,38 @@
 One attempt (:meth:`SecretCache.refresh`) is kept apart from the policy here:
 a poll loop with jittered intervals, a watch loop restarted with backoff, and
 one store-wide backoff while the store is unavailable, so an outage is probed
-once per backoff step (and logged once per step), not once per secret.
+once per backoff step, not once per secret.
+
+Outage semantics: a broken watch wakes the poll loop at once, and polling
+keeps ``refresh.interval`` (not the safety-net ``watch_interval``) until the
+watch is back. The first failed check marks every secret it reached stale;
+one "store unavailable" line is logged when an outage starts and one
+"store available again" line when it ends, the retries in between at debug
+level. Malformed store objects and stages naming missing versions are
+logged per secret, rate-limited.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from agent.aio import wait_event
 from agent.cache import SecretCache
 from agent.config import RefreshConfig
-from agent.errors import AgentError, BackendUnavailable, NotFound
+from agent.errors import (
+    AgentError,
+    BackendUnavailable,
+    MalformedStoreData,
+    NotFound,
+    VersionNotFound,
+)
 from agent.metrics import Metrics
+from agent.ratelog import RateLimitedLog
 from agent.stores.base import SecretStore, WatchableStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +60,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Record a failure and return the delay before the next attempt."""
-        base = min(self.maximum, self.initial * 2**self.failures)
+        # The exponent is capped: 2**1030 overflows a float, which once ended a
+        # part after ~1,000 failures in a row (a long outage).
+        base = min(self.maximum, self.initial * 2 ** min(self.failures, 64))
         self.failures += 1
         return float(base * self._rng.uniform(1 - self.jitter, 1 + self.jitter))
 
@@ -81,6 +98,8 @@ class Refresher:
         self._wake = asyncio.Event()
         self._failed_for_good: dict[str, str] = {}
         self._last_outage: BackendUnavailable | None = None
+        self._quiet = RateLimitedLog(log, clock=clock)
+        self._noisy: set[str] = set()  # names with a rate-limited problem on record
 
     # ------------------------------------------------------------------ startup
 
@@ -121,13 +140,28 @@ class Refresher:
                 try:
                     await self.cache.refresh(name, trigger=trigger)
                     self._failed_for_good.pop(name, None)
+                    if name in self._noisy:  # its problem is over: say so next time
+                        self._noisy.discard(name)
+                        self._quiet.forget_all(lambda key: key[0] == name)  # type: ignore[index]
+                except MalformedStoreData as exc:
+                    # The store answered: not an outage, but the operator must hear of it.
+                    self._noisy.add(name)
+                    self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
                 except BackendUnavailable as exc:
                     transient.append(name)
                     self._last_outage = exc
                 except AgentError as exc:
                     self._failed_for_good[name] = exc.message
-                    if not isinstance(exc, NotFound):
-                        log.warning("secret %r: %s", name, exc.message)
+                    self._noisy.add(name)
+                    if isinstance(exc, VersionNotFound):
+                        self._quiet.warning(
+                            (name, exc.code),
+                            "secret %r: %s; the last good version stays in service",
+                            name,
+                            exc.message,
+                        )
+                    elif not isinstance(exc, NotFound):
+                        self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
 
         async with asyncio.TaskGroup() as tg:
             for name in names:
@@ -165,8 +199,7 @@ class Refresher:
     async def _poll_loop(self) -> None:
         delay = 0.0 if not self.ready.is_set() else self._interval()
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            await wait_event(self._wake, delay)
             self._wake.clear()
             delay = await self.resync(trigger="poll")
 
@@ -186,15 +219,20 @@ class Refresher:
         return self._interval()
 
     def _note_outage(self, exc: BackendUnavailable, *, affected: int | None = None) -> float:
-        """Record one failed pass, log it once, and return the backoff delay."""
-        now = self.clock()
-        if self.store_down_since is None:
-            self.store_down_since = now
-        delay = self._backoff.next_delay()
+        """Record one failed pass and return the backoff delay.
+
+        The first failed pass of an outage is logged at WARNING; the retries
+        until it ends at DEBUG, so an outage of hours is two lines, not hundreds.
+        """
+        starting = self.store_down_since is None
+        if starting:
+            self.store_down_since = self.clock()
+        # Probing an outage is never slower than ordinary polling.
+        delay = min(self._backoff.next_delay(), self.settings.interval)
         scope = f"{affected} secrets" if affected is not None else "all secrets"
-        log.warning(
-            "store or key provider unavailable (%s): %s served from cache where held; "
-            "retry %d in %.1fs",
+        log.log(
+            logging.WARNING if starting else logging.DEBUG,
+            "store unavailable (%s): %s served stale from cache where held; retry %d in %.1fs",
             exc.message,
             scope,
             self._backoff.failures,
@@ -222,7 +260,12 @@ class Refresher:
                     self.metrics.watch_events.labels("event").inc()
                     await self._on_event(event.names)
             except BackendUnavailable as exc:
-                log.warning("store watch broke (%s); polling continues", exc.message)
+                self._quiet.warning(
+                    "watch",
+                    "store watch broke (%s); polling every %.0fs until it is back",
+                    exc.message,
+                    self.settings.interval,
+                )
             if self.watching:
                 # The poll loop sleeps watch_interval while a watch is healthy:
                 # wake it, so an outage is noticed (stale, metrics) now, not minutes later.

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from agent.bounded import loads_json
 from agent.errors import DecryptionError, UnsupportedEnvelope
 from agent.types import ValueType
 
@@ -269,10 +270,14 @@ def parse(data: bytes, *, where: str = "") -> Envelope:
         DecryptionError: anything else malformed.
     """
     where = f" at {where}" if where else ""
-    try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError):
-        raise DecryptionError(f"malformed envelope{where}: not UTF-8 JSON") from None
+    # Size is the store's cap, checked before the read; nesting is checked here.
+    doc = loads_json(
+        data,
+        what=f"malformed envelope{where}",
+        error=DecryptionError,
+        check_length=False,
+        object_pairs_hook=_no_duplicates,
+    )
     if isinstance(doc, dict):
         if doc.get("format") != FORMAT:
             raise UnsupportedEnvelope(f"unsupported envelope{where}: format is not {FORMAT!r}")

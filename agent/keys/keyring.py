@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from agent.bounded import MAX_JSON_DEPTH, Limits, loads_json
 from agent.crypto.envelope import canonical_json
 from agent.errors import ConfigError
 
@@ -292,10 +293,12 @@ def _encode(keys: Mapping[str, MasterKey], passphrase: bytes | None) -> bytes:
 
 
 def _decode(path: Path, raw: bytes, passphrase: bytes | None) -> dict[str, MasterKey]:
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _malformed(path, "not UTF-8 JSON") from None
+    doc = loads_json(
+        raw,
+        what=f"keyring {path} is malformed",
+        error=ConfigError,
+        limits=Limits(_MAX_FILE_SIZE, MAX_JSON_DEPTH),
+    )
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _malformed(path, f"'format' is not {FORMAT!r}")
     if doc.get("v") != KEYRING_VERSION or type(doc.get("v")) is not int:
@@ -320,10 +323,12 @@ def _decode(path: Path, raw: bytes, passphrase: bytes | None) -> dict[str, Maste
 
 
 def _load_json(path: Path, data: bytes) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _malformed(path, "the sealed keys are not UTF-8 JSON") from None
+    return loads_json(
+        data,
+        what=f"keyring {path} is malformed: the sealed keys",
+        error=ConfigError,
+        limits=Limits(_MAX_FILE_SIZE, MAX_JSON_DEPTH),
+    )
 
 
 def _keys_from_json(path: Path, obj: Any) -> dict[str, MasterKey]:

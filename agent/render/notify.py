@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 
+from agent.aio import wait_event
 from agent.config import OnChangeConfig, WaitConfig
 from agent.metrics import Metrics
 from agent.types import utcnow
@@ -66,8 +67,7 @@ class Notifier:
                 delay = deadline - self.clock()
                 if delay <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=delay)
+                await wait_event(self._changed, delay)
             self._changed.clear()
             await self.fire()
 
@@ -123,7 +123,10 @@ class Notifier:
             log.warning("%s: cannot run %s: %s", self.where, argv[0], exc.strerror)
             return
         try:
-            code = await asyncio.wait_for(proc.wait(), timeout=limit)
+            # asyncio.timeout, not wait_for: wait_for can lose a shutdown's cancel
+            # when the command exits at that moment (see agent/aio.py).
+            async with asyncio.timeout(limit):
+                code = await proc.wait()
         except TimeoutError:
             await _kill(proc)
             self.metrics.notifications.labels("command", "timeout").inc()

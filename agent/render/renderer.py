@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agent.aio import wait_event
 from agent.config import RenderConfig, TemplateConfig
 from agent.errors import AgentError, ConfigError
 from agent.metrics import Metrics
@@ -230,8 +231,7 @@ class Renderer:
                     delay,
                 )
                 # Retry after the delay, or at once when a secret changes (it may be the fix).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(t.dirty.wait(), timeout=delay)
+                await wait_event(t.dirty, delay)
                 t.dirty.set()
                 continue
             backoff.reset()
@@ -241,18 +241,22 @@ class Renderer:
 
     def reconfigure(self, templates: Sequence[TemplateConfig]) -> None:
         """Apply a reloaded ``templates:`` list: unchanged ones keep running."""
-        old = {t.cfg: t for t in self._templates}
+        # Matched by equality, not hashing: a config holding lists (``secrets: [a, b]``,
+        # ``on_change.command``) is frozen but not hashable.
+        old = list(self._templates)
         new_list = []
         for i, cfg in enumerate(templates):
-            t = old.pop(cfg, None)
-            if t is None:
+            t = next((o for o in old if o.cfg == cfg), None)
+            if t is not None:
+                old.remove(t)
+            else:
                 t = self._new(i, cfg)
                 if self._group is not None:
                     self._start(t)
             t.index = i
             t.notifier.where = t.where
             new_list.append(t)
-        for t in old.values():
+        for t in old:
             for task in t.tasks:
                 task.cancel()
         self._templates = new_list

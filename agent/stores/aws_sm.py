@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.aws import AwsClient, error_code, map_error
+from agent.bounded import DEFAULT_LIMITS, Limits
 from agent.config import AgentConfig, AwsSecretsManagerStoreConfig
 from agent.errors import (
     AccessDenied,
@@ -42,6 +43,7 @@ from agent.errors import (
     BackendUnavailable,
     BadRequest,
     Conflict,
+    DecryptionError,
     NotFound,
     SecretNotFound,
     VersionNotFound,
@@ -89,8 +91,10 @@ class SecretsManagerStore:
         client_side_encryption: bool = True,
         timeout: float = 5.0,
         metrics: Metrics | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store_id = store_id
+        self.limits = limits
         self.name_prefix = name_prefix
         self.plaintext = not client_side_encryption
         self.metrics = metrics
@@ -110,6 +114,7 @@ class SecretsManagerStore:
             client_side_encryption=cfg.client_side_encryption,
             timeout=cfg.timeout,
             metrics=metrics,
+            limits=cfg.limits,
         )
 
     def _aws_name(self, name: str) -> str:
@@ -222,6 +227,11 @@ class SecretsManagerStore:
             value = doc.get("SecretString", "").encode()
             if self.plaintext:
                 value = b"\x00" + value
+        if len(value) > self.limits.max_object_size:
+            raise DecryptionError(
+                f"version {version_id!r} of secret {name!r}: {len(value)} bytes, over "
+                f"store.max_object_size ({self.limits.max_object_size}); refused"
+            )
         return StoredVersion(name, version_id, value, _utc(doc.get("CreatedDate")))
 
     async def list_versions(self, name: str) -> list[tuple[str, datetime]]:

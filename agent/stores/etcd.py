@@ -48,6 +48,7 @@ import grpc
 from aetcd import rpc, watcher
 from aetcd.utils import prefix_range_end
 
+from agent.bounded import DEFAULT_LIMITS, Limits, loads_json
 from agent.config import AgentConfig, EtcdStoreConfig, read_secret_ref
 from agent.errors import (
     AccessDenied,
@@ -56,7 +57,9 @@ from agent.errors import (
     BadRequest,
     ConfigError,
     Conflict,
+    DecryptionError,
     InvalidName,
+    MalformedStoreData,
     SecretNotFound,
     VersionNotFound,
 )
@@ -211,7 +214,9 @@ class EtcdStore:
         timeout: float = 5.0,
         keepalive: float = 30.0,
         metrics: Metrics | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        self.limits = limits
         if (username is None) != (password is None):
             raise ConfigError("etcd username and password go together", path="store.username")
         targets = [
@@ -281,6 +286,7 @@ class EtcdStore:
             tls=tls,
             timeout=cfg.timeout,
             metrics=metrics,
+            limits=cfg.limits,
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -340,7 +346,7 @@ class EtcdStore:
         async def go() -> StageState:
             got = await self._client.get(self._key(name, "stages"))
             if got is not None:
-                return StageState(_stages(got.value, name), str(got.mod_revision))
+                return StageState(_stages(got.value, name, self.limits), str(got.mod_revision))
             versions, _ = await self._client.count(self._key(name, "versions", ""))
             if not versions:
                 raise SecretNotFound(f"secret {name!r} does not exist")
@@ -357,7 +363,7 @@ class EtcdStore:
             if got is None:
                 await self._exists_or_raise(name)
                 raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
-            created, envelope = _unwrap(got.value, name, version_id)
+            created, envelope = _unwrap(got.value, name, version_id, self.limits)
             return StoredVersion(name, version_id, envelope, created)
 
         return await self._call("read_version", go)
@@ -377,7 +383,7 @@ class EtcdStore:
             out = []
             for kv in rows:
                 vid = kv.key.decode().rsplit("/", 1)[1]
-                out.append((vid, _unwrap(kv.value, name, vid)[0]))
+                out.append((vid, _unwrap(kv.value, name, vid, self.limits)[0]))
             return sorted(out, key=lambda item: (item[1], item[0]))
 
         return await self._call("list_versions", go)
@@ -413,7 +419,7 @@ class EtcdStore:
             if got is None:
                 await self._exists_or_raise(name)
                 raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
-            created, current = _unwrap(got.value, name, version_id)
+            created, current = _unwrap(got.value, name, version_id, self.limits)
             if current != expected:
                 raise Conflict(f"version {version_id!r} of {name!r} changed concurrently")
             ok, _ = await self._client.transaction(
@@ -559,22 +565,23 @@ def _wrap(envelope: bytes, created: datetime) -> bytes:
     ).encode()
 
 
-def _unwrap(value: bytes, name: str, vid: str) -> tuple[datetime, bytes]:
+def _unwrap(value: bytes, name: str, vid: str, limits: Limits) -> tuple[datetime, bytes]:
+    what = f"version {vid!r} of {name!r} in etcd"
+    # The record holds the envelope in base64 (4/3 of its size) plus a timestamp.
+    wrapped = Limits(limits.max_object_size * 4 // 3 + 256, limits.max_json_depth)
+    doc: Any = loads_json(value, what=what, error=DecryptionError, limits=wrapped)
     try:
-        doc: Any = json.loads(value)
         return (
             datetime.fromisoformat(doc["created_at"]),
             base64.b64decode(doc["envelope"], validate=True),
         )
     except (ValueError, KeyError, TypeError, binascii.Error):
-        raise BackendUnavailable(f"version {vid!r} of {name!r} is malformed in etcd") from None
+        raise DecryptionError(f"{what} is malformed") from None
 
 
-def _stages(value: bytes, name: str) -> dict[str, str]:
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        raise BackendUnavailable(f"stage map of {name!r} is malformed in etcd") from None
+def _stages(value: bytes, name: str, limits: Limits) -> dict[str, str]:
+    what = f"stage map of {name!r} in etcd"
+    doc = loads_json(value, what=what, error=MalformedStoreData, limits=limits)
     if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
-        raise BackendUnavailable(f"stage map of {name!r} is malformed in etcd")
+        raise MalformedStoreData(f"{what} is not a JSON object of stage -> version id")
     return {str(k): v for k, v in doc.items()}

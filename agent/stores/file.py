@@ -42,13 +42,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from agent.bounded import DEFAULT_LIMITS, Limits, TooLarge, loads_json
 from agent.errors import (
     AccessDenied,
     AgentError,
     BackendUnavailable,
     BadRequest,
     Conflict,
+    DecryptionError,
     InvalidName,
+    MalformedStoreData,
     NotFound,
     SecretNotFound,
     VersionNotFound,
@@ -141,9 +144,11 @@ class FileStore:
         watch_debounce_ms: int = 50,
         watch_step_ms: int = 5,
         watch_check_interval_ms: int = 1000,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.root = Path(root).absolute()
         self.store_id = store_id
+        self.limits = limits
         self.metrics = metrics
         self.watch_debounce_ms = watch_debounce_ms
         self.watch_step_ms = watch_step_ms
@@ -155,7 +160,7 @@ class FileStore:
         cls, cfg: FileStoreConfig, *, config: AgentConfig, metrics: Metrics
     ) -> FileStore:
         """Build the store from its config section (no I/O happens here)."""
-        return cls(cfg.path, store_id=cfg.id, metrics=metrics)
+        return cls(cfg.path, store_id=cfg.id, metrics=metrics, limits=cfg.limits)
 
     def __repr__(self) -> str:
         return f"FileStore(root={str(self.root)!r}, store_id={self.store_id!r})"
@@ -335,24 +340,34 @@ class FileStore:
 
     def _read_stages(self, name: str) -> StageState:
         paths = self._existing(name)
-        found = self._read_file(paths.stages, f"stage map of secret {name!r}")
+        what = f"stage map of secret {name!r} ({paths.stages})"
+        found = self._read_file(paths.stages, what, MalformedStoreData)
         if found is None:
             return StageState({}, "")
-        return StageState(_parse_stages(found[0], name, paths.stages), _revision(found[0]))
+        stages = _parse_stages(found[0], what, self.limits)
+        return StageState(stages, _revision(found[0]))
 
-    def _read_file(self, path: Path, what: str) -> tuple[bytes, os.stat_result] | None:
-        """The bytes and stat of ``path``, or None if it does not exist."""
+    def _read_file(
+        self, path: Path, what: str, too_large: type[AgentError]
+    ) -> tuple[bytes, os.stat_result] | None:
+        """The bytes and stat of ``path``, or None if it does not exist.
+
+        Raises:
+            too_large: the file is over ``store.max_object_size`` (it is not read).
+        """
         try:
-            return read_nofollow(path)
+            return read_nofollow(path, limit=self.limits.max_object_size)
         except FileNotFoundError:
             return None
+        except TooLarge as exc:
+            raise too_large(f"{what}: {exc} (store.max_object_size); refused") from None
         except OSError as exc:
             raise self._os_error(exc, what, path) from None
 
     def _read_version(self, name: str, version_id: str) -> StoredVersion:
         path = self._existing(name).version(version_id)
         what = f"version {version_id!r} of secret {name!r}"
-        found = self._read_file(path, what)
+        found = self._read_file(path, what, DecryptionError)
         if found is None:
             raise VersionNotFound(f"{what} does not exist")
         return StoredVersion(name, version_id, found[0], _utc(found[1].st_mtime_ns))
@@ -396,7 +411,7 @@ class FileStore:
         what = f"version {version_id!r} of secret {name!r}"
         try:
             with FileLock(paths.lock, mode=_FILE_MODE):
-                found = self._read_file(path, what)
+                found = self._read_file(path, what, DecryptionError)
                 if found is None:
                     raise VersionNotFound(f"{what} does not exist")
                 if found[0] != expected:
@@ -520,18 +535,15 @@ def _check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
     return dict(stages)
 
 
-def _parse_stages(data: bytes, name: str, path: Path) -> dict[str, str]:
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        doc = None
+def _parse_stages(data: bytes, what: str, limits: Limits) -> dict[str, str]:
+    # Transient on purpose (MalformedStoreData): cached values keep being served
+    # until it is fixed.
+    doc = loads_json(data, what=what, error=MalformedStoreData, limits=limits)
     if not isinstance(doc, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in doc.items()
     ):
-        # Transient on purpose: cached values keep being served until it is fixed.
-        raise BackendUnavailable(
-            f"stage map of secret {name!r} ({path}) is not a JSON object of "
-            "stage -> version id; fix or remove the file"
+        raise MalformedStoreData(
+            f"{what} is not a JSON object of stage -> version id; fix or remove the file"
         )
     return doc
 

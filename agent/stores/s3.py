@@ -21,13 +21,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.aws import AwsClient, error_code, map_error
+from agent.bounded import DEFAULT_LIMITS, Limits, TooLarge, check_size, loads_json
 from agent.config import AgentConfig, S3StoreConfig
 from agent.errors import (
     AgentError,
     BackendUnavailable,
     BadRequest,
     Conflict,
+    DecryptionError,
     InvalidName,
+    MalformedStoreData,
     NotFound,
     SecretNotFound,
     VersionNotFound,
@@ -68,8 +71,10 @@ class S3Store:
         endpoint_url: str | None = None,
         timeout: float = 5.0,
         metrics: Metrics | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.bucket = bucket
+        self.limits = limits
         self.prefix = prefix.strip("/")
         self.store_id = store_id
         self.metrics = metrics
@@ -86,6 +91,7 @@ class S3Store:
             endpoint_url=cfg.endpoint_url,
             timeout=cfg.timeout,
             metrics=metrics,
+            limits=cfg.limits,
         )
 
     def _key(self, name: str, *parts: str) -> str:
@@ -152,9 +158,9 @@ class S3Store:
             if error_code(exc) == "304" and cached is not None:
                 return StageState(dict(cached[1]), cached[0])  # unchanged: no body sent
             raise
-        async with obj["Body"] as body:
-            data = await body.read()
-        stages = _parse_stages(data, name)
+        what = f"stage map of secret {name!r} in S3"
+        data = await _read_body(obj, self.limits, what, MalformedStoreData)
+        stages = _parse_stages(data, what, self.limits)
         self._stages_cache[name] = (obj["ETag"], stages)
         return StageState(dict(stages), obj["ETag"])
 
@@ -172,8 +178,8 @@ class S3Store:
             if not await self._keys(self._key(name) + "/"):
                 raise SecretNotFound(f"secret {name!r} does not exist") from None
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}") from None
-        async with obj["Body"] as body:
-            data = await body.read()
+        what = f"version {version_id!r} of secret {name!r} in S3"
+        data = await _read_body(obj, self.limits, what, DecryptionError)
         return StoredVersion(name, version_id, data, _created(obj))
 
     async def list_versions(self, name: str) -> list[tuple[str, datetime]]:
@@ -327,11 +333,23 @@ def _utc(value: Any) -> datetime:
     return datetime.now(UTC)
 
 
-def _parse_stages(data: bytes, name: str) -> dict[str, str]:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise BackendUnavailable(f"stage map of {name!r} is malformed in S3") from None
+async def _read_body(
+    obj: Mapping[str, Any], limits: Limits, what: str, too_large: type[AgentError]
+) -> bytes:
+    """An object's body, refused by its Content-Length before it is read (and capped)."""
+    cap = limits.max_object_size
+    async with obj["Body"] as body:
+        try:
+            check_size(obj.get("ContentLength"), cap)
+            data: bytes = await body.read(cap + 1)
+            check_size(len(data), cap)
+        except TooLarge as exc:
+            raise too_large(f"{what}: {exc} (store.max_object_size); refused") from None
+    return data
+
+
+def _parse_stages(data: bytes, what: str, limits: Limits) -> dict[str, str]:
+    doc = loads_json(data, what=what, error=MalformedStoreData, limits=limits)
     if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
-        raise BackendUnavailable(f"stage map of {name!r} is malformed in S3")
+        raise MalformedStoreData(f"{what} is not a JSON object of stage -> version id")
     return {str(k): v for k, v in doc.items()}
