@@ -97,6 +97,12 @@ DESCRIPTIONS = {
     "store.tls.cert": "Client certificate.",
     "store.tls.key": "Client key.",
     "store.timeout": "Per-call timeout.",
+    "store.max_object_size": "An envelope or stage map larger than this is refused before it "
+    "is read whole (file: fstat; S3: Content-Length; etcd, Secrets Manager: the value size). "
+    "A refused envelope leaves the last good version in service; a refused stage map is "
+    "served stale. See docs/reliability.md.",
+    "store.max_json_depth": "JSON in store objects nested deeper than this is refused "
+    "(a genuine envelope nests 3 levels).",
     "store.region": "AWS region (default: the SDK's).",
     "store.endpoint_url": "Another endpoint (a VPC endpoint, a test server).",
     "store.client_side_encryption": "`false`: serve plain AWS secrets as AWS stores them "
@@ -201,6 +207,8 @@ def _type_name(annotation: Any, metadata: list[Any] | None = None) -> str:
         return "path"
     if c._check_secret_ref in funcs:
         return "reference"
+    if c.parse_size in funcs:
+        return 'size (bytes, "64KiB", "1MiB")'
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Annotated:

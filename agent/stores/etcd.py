@@ -478,7 +478,7 @@ class EtcdStore:
 
         async def go() -> None:
             got = await self._client.get(stages_key)
-            staged = _stages(got.value, name) if got is not None else {}
+            staged = _stages(got.value, name, self.limits) if got is not None else {}
             if version_id in staged.values():
                 raise Conflict(f"version {version_id!r} of secret {name!r} is staged; not deleted")
             guard = (
