@@ -160,6 +160,64 @@ async def test_postgres_stopped_mid_rotation_keeps_current_and_the_next_run_comp
     assert await logs_in(new) and not await logs_in(app_role)
 
 
+async def test_postgres_stopped_during_set_keeps_current_and_the_next_run_completes(
+    env: AgentEnv, app_role: dict[str, Any], postgres_server: PostgresServer
+) -> None:
+    """The rotate command's ALTER ROLE is blocked on a held row when PostgreSQL stops."""
+    env.configure(
+        rotation=[
+            {
+                "secret": "prod/db",
+                "every": "30d",
+                "rotator": "postgres",
+                "params": {"connect_timeout": "20s"},
+            }
+        ]
+    )
+    env.put("prod/db", json.dumps(app_role), "--json")
+    current = _stage_version(env, "prod/db", "CURRENT")
+    holder = await asyncpg.connect(postgres_server.dsn, timeout=10)
+    run: asyncio.Task[tuple[int, str, str]] | None = None
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute(f"ALTER ROLE {app_role['username']} CONNECTION LIMIT 50")
+        run = asyncio.create_task(asyncio.to_thread(env.cli, "rotate", "prod/db"))
+        await _wait_for_blocked_alter(postgres_server, app_role["username"])
+        await asyncio.to_thread(postgres_server.stop)
+        code, out, err = await asyncio.wait_for(run, 60)
+        assert code != 0 and "set" in err
+        assert app_role["password"] not in out + err
+    finally:
+        with contextlib.suppress(Exception):
+            await holder.close(timeout=2)
+        if not postgres_server.running:
+            await asyncio.to_thread(postgres_server.start)
+        if run is not None and not run.done():
+            await asyncio.wait_for(run, 60)
+    assert _stage_version(env, "prod/db", "CURRENT") == current
+    pending = _stage_version(env, "prod/db", "PENDING")
+    assert pending is not None
+    pending_value = _get(env, "prod/db", "--stage", "PENDING")
+    assert await logs_in(app_role), "the interrupted ALTER ROLE must not have committed"
+    assert not await logs_in(pending_value)
+    code, _, err = env.cli("rotate", "prod/db")
+    assert code == 0, err
+    assert _stage_version(env, "prod/db", "CURRENT") == pending, "resumed, not duplicated"
+    assert await logs_in(_get(env, "prod/db")) and not await logs_in(app_role)
+
+
+async def _wait_for_blocked_alter(server: PostgresServer, role: str) -> None:
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'secrets-agent' "
+        f"AND wait_event_type = 'Lock' AND usename = '{role}'"
+    )
+    for _ in range(300):
+        if (await asyncio.to_thread(server.psql, sql)).strip() == "1":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the rotator's ALTER ROLE never blocked on the held row")
+
+
 @contextlib.contextmanager
 def _agent_process(env: AgentEnv) -> Iterator[subprocess.Popen[bytes]]:
     log = (env.dir / "agent.out").open("wb")
