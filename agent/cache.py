@@ -19,8 +19,9 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import RefreshConfig
@@ -36,8 +37,8 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.resolver import Resolver, envelope_digest
-from agent.stores.base import StageState
-from agent.types import CURRENT, Secret, normalize_stage, stages_of, utcnow, validate_name
+from agent.stores.base import BatchReadableStore, StageState, StoredVersion
+from agent.types import CURRENT, Secret, normalize_stage, stages_of, validate_name
 
 if TYPE_CHECKING:
     from agent.audit import Auditor
@@ -56,19 +57,25 @@ class Lookup:
     age: float = 0.0
 
 
+_CURRENT_ONLY = frozenset({CURRENT})
+
+
 @dataclass(slots=True)
 class _Entry:
+    """One cached secret. Kept small (there may be 50,000): rarely used parts are
+    None or shared until first needed, times are floats (formatted on demand)."""
+
     name: str
     state: StageState
     versions: dict[str, Secret]
     confirmed_at: float  # monotonic time of the last successful version check
-    wanted: set[str] = field(default_factory=lambda: {CURRENT})
-    extra: OrderedDict[str, Secret] = field(default_factory=OrderedDict)
+    wanted: frozenset[str] = _CURRENT_ONLY
+    extra: OrderedDict[str, Secret] | None = None
     failing_since: float | None = None
     last_error: str | None = None
-    last_refresh: str | None = None  # ISO time of the last successful check
+    last_refresh: float | None = None  # wall-clock time of the last successful check
     missing_since: float | None = None
-    refused: dict[str, str] = field(default_factory=dict)  # version id -> envelope digest
+    refused: dict[str, str] | None = None  # version id -> envelope digest
     last_forced: float = float("-inf")
 
 
@@ -96,6 +103,7 @@ class SecretCache:
         self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
         self._listeners: list[ChangeListener] = []
         metrics.cache_stale_age.set_function(self.stale_age)  # computed at each scrape
+        self._stale = 0  # entries with failing_since set, kept as they change
         # Bound once: the read path counts every answer.
         self._answered = {
             False: metrics.cache_requests.labels("hit"),
@@ -139,6 +147,14 @@ class SecretCache:
         """The names held, sorted."""
         return sorted(self._entries)
 
+    def holds(self, name: str) -> bool:
+        """Whether ``name`` is cached (no sort, no copy: for per-event checks)."""
+        return name in self._entries
+
+    def held(self) -> list[str]:
+        """The names held, unsorted."""
+        return list(self._entries)
+
     def peek(self, name: str) -> Secret | None:
         """The CURRENT version held for ``name``, without any I/O."""
         entry = self._entries.get(name)
@@ -167,7 +183,7 @@ class SecretCache:
                     "version_id": e.state.stages.get(CURRENT),
                     "stages": dict(e.state.stages),
                     "age_seconds": round(now - e.confirmed_at, 3),
-                    "last_refresh": e.last_refresh,
+                    "last_refresh": _iso(e.last_refresh),
                     "stale": e.failing_since is not None,
                     "last_error": e.last_error,
                 }
@@ -228,11 +244,11 @@ class SecretCache:
             )
             if entry.state.stages.get(stage) == vid:
                 entry.versions[vid] = secret
-                entry.wanted.add(stage)
+                entry.wanted = entry.wanted | {stage}
         return secret
 
     async def _by_version(self, entry: _Entry, version: str) -> Secret:
-        secret = entry.versions.get(version) or entry.extra.get(version)
+        secret = entry.versions.get(version) or (entry.extra.get(version) if entry.extra else None)
         if secret is not None:
             return secret
         secret = await self._single_flight(
@@ -241,6 +257,8 @@ class SecretCache:
                 entry.name, version, stages=stages_of(entry.state.stages, version)
             ),
         )
+        if entry.extra is None:
+            entry.extra = OrderedDict()
         entry.extra[version] = secret
         while len(entry.extra) > _EXTRA_VERSIONS:
             entry.extra.popitem(last=False)
@@ -250,8 +268,8 @@ class SecretCache:
 
     async def _load(self, name: str) -> _Entry:
         state = await self.resolver.stages(name)
-        versions = await self._fetch_wanted(name, state, {CURRENT}, {})
-        entry = _Entry(name, state, versions, self.clock(), last_refresh=utcnow().isoformat())
+        versions = await self._fetch_wanted(name, state, _CURRENT_ONLY, {})
+        entry = _Entry(name, state, versions, self.clock(), last_refresh=time.time())
         self._entries[name] = entry
         self.metrics.cache_secrets.set(len(self._entries))
         return entry
@@ -313,6 +331,8 @@ class SecretCache:
             self._confirmed(entry)
             return False
         self.metrics.version_checks.labels("changed").inc()
+        if entry.refused is None:
+            entry.refused = {}
         try:
             versions = await self._fetch_wanted(
                 name, state, entry.wanted, entry.versions, entry.refused
@@ -324,14 +344,162 @@ class SecretCache:
             # Refused envelope or vanished version: keep the last good value.
             entry.last_error = exc.message
             raise
-        entry.state = state
-        entry.versions = versions
-        entry.extra = OrderedDict(
-            (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items()
-        )
-        self._confirmed(entry)
+        self._install(entry, state, versions)
         self._notify(name)
         return True
+
+    def _install(self, entry: _Entry, state: StageState, versions: dict[str, Secret]) -> None:
+        """A changed stage map and its versions are in: serve them from now on."""
+        entry.state = state
+        entry.versions = versions
+        if entry.extra:
+            entry.extra = OrderedDict(
+                (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items()
+            )
+        if not entry.refused:
+            entry.refused = None
+        self._confirmed(entry)
+
+    # ---------------------------------------------------------- batched refresh
+
+    async def refresh_batch(self, names: Sequence[str], *, trigger: str) -> list[str]:
+        """Refresh ``names`` with two store calls (stage maps, then envelopes).
+
+        For a :class:`~agent.stores.base.BatchReadableStore`. Every name the
+        batch cannot settle plainly (an error of any kind, a refused or
+        vanished version) is returned, for :meth:`refresh` to do one by one
+        with its exact error semantics; so is nothing else. A name that
+        another refresh changed while the batch was reading is left alone.
+
+        Returns:
+            The names left for :meth:`refresh`.
+        """
+        store = self.resolver.store
+        assert isinstance(store, BatchReadableStore)
+        seen = [self._entries.get(n) for n in names]
+        seen_states = [e.state if e is not None else None for e in seen]
+        states = await store.read_stages_many(names)
+        left: list[str] = []
+        todo: list[tuple[int, StageState, list[str]]] = []
+        unchanged = 0
+        for i, (name, state) in enumerate(zip(names, states, strict=True)):
+            entry = seen[i]
+            if not isinstance(state, StageState):
+                left.append(name)
+            elif entry is not None and state.revision == entry.state.revision:
+                if entry.state is seen_states[i]:
+                    entry.state = state  # the same map, with the marker it has now
+                entry.missing_since = None
+                self._confirmed(entry)
+                unchanged += 1
+            else:
+                wanted = entry.wanted if entry is not None else _CURRENT_ONLY
+                held = entry.versions if entry is not None else {}
+                vids = sorted(
+                    {v for st, v in state.stages.items() if st in wanted and v not in held}
+                )
+                todo.append((i, state, vids))
+        if unchanged:
+            self.metrics.version_checks.labels("unchanged").inc(unchanged)
+            self.metrics.refreshes.labels(trigger, "unchanged").inc(unchanged)
+        wanted_versions = [(names[i], v) for i, _, vids in todo for v in vids]
+        stored = await store.read_versions_many(wanted_versions) if wanted_versions else []
+        envelopes = dict(zip(wanted_versions, stored, strict=True))
+        changed = loaded = 0
+        for n, (i, state, vids) in enumerate(todo):
+            if n % 32 == 31:
+                await asyncio.sleep(0)  # let readers in between decrypts
+            name = names[i]
+            opened = await self._open_batch(name, state, vids, envelopes)
+            entry = self._entries.get(name)
+            if opened is None:
+                left.append(name)
+            elif entry is not seen[i] or (entry is not None and entry.state is not seen_states[i]):
+                continue  # another refresh got there first; it read the map later
+            else:
+                self._apply_batch(name, entry, state, opened)
+                if entry is None:
+                    loaded += 1
+                else:
+                    changed += 1
+        if changed:
+            self.metrics.version_checks.labels("changed").inc(changed)
+            self.metrics.refreshes.labels(trigger, "changed").inc(changed)
+        if loaded:
+            # A first load is not a change (as in refresh()).
+            self.metrics.refreshes.labels(trigger, "loaded").inc(loaded)
+        self.metrics.cache_secrets.set(len(self._entries))
+        return left
+
+    async def _open_batch(
+        self,
+        name: str,
+        state: StageState,
+        vids: list[str],
+        envelopes: dict[tuple[str, str], StoredVersion | Exception],
+    ) -> dict[str, Secret] | None:
+        """The versions ``vids`` of ``name`` decrypted, or None to leave it to :meth:`refresh`."""
+        entry = self._entries.get(name)
+        out: dict[str, Secret] = {}
+        for vid in vids:
+            got = envelopes.get((name, vid))
+            if not isinstance(got, StoredVersion):
+                return None
+            if entry is not None and entry.refused and vid in entry.refused:
+                return None
+            try:
+                out[vid] = await self.resolver.open(
+                    name, vid, got.envelope, got.created_at, stages_of(state.stages, vid)
+                )
+            except AgentError:
+                return None  # refresh() reads it again and reports (and audits) it
+            self.metrics.fetches.labels("ok").inc()
+        return out
+
+    def _apply_batch(
+        self, name: str, entry: _Entry | None, state: StageState, opened: dict[str, Secret]
+    ) -> None:
+        if entry is None:
+            entry = _Entry(name, state, opened, self.clock(), last_refresh=time.time())
+            self._entries[name] = entry
+        else:
+            entry.missing_since = None
+            versions = {
+                vid: secret.with_stages(stages_of(state.stages, vid))
+                for vid, secret in entry.versions.items()
+                if vid in state.stages.values()
+            }
+            versions.update(opened)
+            self._install(entry, state, versions)
+        self._notify(name)
+
+    async def changed_markers(self, names: Sequence[str]) -> list[str]:
+        """Of ``names``, those whose stage map may have changed, by the store's cheap markers.
+
+        The others are confirmed fresh without reading anything (counted as
+        unchanged version checks). Names not held, or without a marker, are
+        returned too. For a :class:`~agent.stores.base.BatchReadableStore`.
+        """
+        store = self.resolver.store
+        assert isinstance(store, BatchReadableStore)
+        markers = await store.stage_markers_many(names)
+        changed: list[str] = []
+        unchanged = 0
+        for name, marker in zip(names, markers, strict=True):
+            entry = self._entries.get(name)
+            if (
+                entry is None
+                or marker is None
+                or marker != entry.state.marker
+                or entry.missing_since is not None
+            ):
+                changed.append(name)
+            else:
+                self._confirmed(entry)
+                unchanged += 1
+        if unchanged:
+            self.metrics.version_checks.labels("unchanged").inc(unchanged)
+        return changed
 
     async def _fetch_wanted(
         self,
@@ -394,17 +562,17 @@ class SecretCache:
                 entry.name,
                 self.clock() - entry.failing_since,
             )
-        entry.failing_since = None
+            entry.failing_since = None
+            self._stale_changed(-1)
         entry.last_error = None
         entry.confirmed_at = self.clock()
-        entry.last_refresh = utcnow().isoformat()
-        self._update_stale_gauge()
+        entry.last_refresh = time.time()
 
     def _failing(self, entry: _Entry, exc: AgentError) -> None:
         if entry.failing_since is None:
             entry.failing_since = self.clock()
+            self._stale_changed(+1)
         entry.last_error = exc.message
-        self._update_stale_gauge()
 
     def _missing(self, entry: _Entry, exc: SecretNotFound) -> bool:
         now = self.clock()
@@ -430,17 +598,21 @@ class SecretCache:
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (it is loaded again on the next read)."""
-        self._entries.pop(name, None)
+        entry = self._entries.pop(name, None)
         self.metrics.cache_secrets.set(len(self._entries))
-        self._update_stale_gauge()
+        if entry is not None and entry.failing_since is not None:
+            self._stale_changed(-1)
 
-    def _update_stale_gauge(self) -> None:
-        self.metrics.cache_stale_secrets.set(
-            sum(1 for e in self._entries.values() if e.failing_since is not None)
-        )
+    def _stale_changed(self, delta: int) -> None:
+        # Counted as entries turn stale or fresh: a recount over every entry per
+        # confirmed secret made a resync quadratic in the number of secrets.
+        self._stale += delta
+        self.metrics.cache_stale_secrets.set(self._stale)
 
     def stale_age(self) -> float:
         """Seconds the longest-failing secret has been served stale (0: none is)."""
+        if not self._stale:
+            return 0.0
         since = [e.failing_since for e in self._entries.values() if e.failing_since is not None]
         return max(0.0, self.clock() - min(since)) if since else 0.0
 
@@ -475,3 +647,7 @@ class SecretCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._entries.clear()
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else datetime.fromtimestamp(wall, UTC).isoformat()

@@ -21,7 +21,8 @@ import fnmatch
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 from agent.aio import wait_event
 from agent.cache import SecretCache
@@ -35,10 +36,18 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.ratelog import RateLimitedLog
-from agent.stores.base import SecretStore, WatchableStore
+from agent.stores.base import BatchReadableStore, SecretStore, WatchableStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: Refreshes in flight at once against a store that reads one secret per call.
 _CONCURRENCY = 16
+#: Names per batch against a store that reads many per call (one thread hop each),
+#: and batches in flight at once. Between batches the event loop serves reads.
+_BATCH = 256
+_BATCH_WORKERS = 2
+#: Names per marker check (a stat each, in one thread hop).
+_MARKER_SLICE = 2048
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -100,6 +109,10 @@ class Refresher:
         self._last_outage: BackendUnavailable | None = None
         self._quiet = RateLimitedLog(log, clock=clock)
         self._noisy: set[str] = set()  # names with a rate-limited problem on record
+        # The start-up pass: the poll loop waits for it instead of repeating it.
+        self._load_started = False
+        self._loaded = asyncio.Event()
+        self._load_delay = 0.0
 
     # ------------------------------------------------------------------ startup
 
@@ -108,16 +121,22 @@ class Refresher:
 
         A secret that fails for good (not found, refused) is recorded and does
         not hold readiness back; a transient failure does, until it loads.
+        This is the one full pass at start-up: the poll loop starts from the
+        state it leaves (see :meth:`run`).
         """
+        self._load_started = True
         try:
-            names = await self._wanted_names()
-        except BackendUnavailable as exc:
-            self._note_outage(exc)
-            return
-        transient = await self._refresh_many(names, trigger=trigger)
-        if transient and self._last_outage is not None:
-            self._note_outage(self._last_outage, affected=len(transient))
-        self._check_ready(names)
+            try:
+                names = await self._wanted_names()
+            except BackendUnavailable as exc:
+                self._load_delay = self._note_outage(exc)
+                return
+            transient = await self._refresh_many(names, trigger=trigger)
+            if transient and self._last_outage is not None:
+                self._load_delay = self._note_outage(self._last_outage, affected=len(transient))
+            self._check_ready(names)
+        finally:
+            self._loaded.set()
 
     async def _wanted_names(self) -> list[str]:
         literal = [p for p in self.patterns if not any(c in p for c in "*?[")]
@@ -127,54 +146,74 @@ class Refresher:
         return sorted({n for n in listed if matches(n, self.patterns)} | set(literal))
 
     async def _refresh_many(self, names: Iterable[str], *, trigger: str) -> list[str]:
-        """Refresh ``names`` with bounded concurrency; return those that failed transiently.
+        """Refresh ``names`` with a few workers over a queue; return those that failed
+        transiently.
 
-        A transient failure is not logged here: :meth:`resync` logs an outage
+        Against a :class:`BatchReadableStore`, each worker takes a batch of
+        names at a time (two thread hops per batch); whatever a batch cannot
+        settle goes through :meth:`SecretCache.refresh` one by one. A
+        transient failure is not logged here: :meth:`resync` logs an outage
         once per backoff step, however many secrets it affects.
         """
-        sem = asyncio.Semaphore(_CONCURRENCY)
         transient: list[str] = []
 
         async def one(name: str) -> None:
-            async with sem:
-                try:
-                    await self.cache.refresh(name, trigger=trigger)
-                    self._failed_for_good.pop(name, None)
-                    if name in self._noisy:  # its problem is over: say so next time
-                        self._noisy.discard(name)
-                        self._quiet.forget_all(lambda key: key[0] == name)  # type: ignore[index]
-                except MalformedStoreData as exc:
-                    # The store answered: not an outage, but the operator must hear of it.
-                    self._noisy.add(name)
+            try:
+                await self.cache.refresh(name, trigger=trigger)
+                self._settled(name)
+            except MalformedStoreData as exc:
+                # The store answered: not an outage, but the operator must hear of it.
+                self._noisy.add(name)
+                self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
+            except BackendUnavailable as exc:
+                transient.append(name)
+                self._last_outage = exc
+            except AgentError as exc:
+                self._failed_for_good[name] = exc.message
+                self._noisy.add(name)
+                if isinstance(exc, VersionNotFound):
+                    self._quiet.warning(
+                        (name, exc.code),
+                        "secret %r: %s; the last good version stays in service",
+                        name,
+                        exc.message,
+                    )
+                elif not isinstance(exc, NotFound):
                     self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
-                except BackendUnavailable as exc:
-                    transient.append(name)
-                    self._last_outage = exc
-                except AgentError as exc:
-                    self._failed_for_good[name] = exc.message
-                    self._noisy.add(name)
-                    if isinstance(exc, VersionNotFound):
-                        self._quiet.warning(
-                            (name, exc.code),
-                            "secret %r: %s; the last good version stays in service",
-                            name,
-                            exc.message,
-                        )
-                    elif not isinstance(exc, NotFound):
-                        self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
 
-        async with asyncio.TaskGroup() as tg:
+        async def batch(names: list[str]) -> None:
+            left = set(await self.cache.refresh_batch(names, trigger=trigger))
             for name in names:
-                tg.create_task(one(name))
+                if name in left:
+                    await one(name)
+                else:
+                    self._settled(name)
+
+        todo = list(names)
+        if isinstance(self.store, BatchReadableStore):
+            batches = [todo[i : i + _BATCH] for i in range(0, len(todo), _BATCH)]
+            await _drain(batches, batch, workers=_BATCH_WORKERS)
+        else:
+            await _drain(todo, one, workers=_CONCURRENCY)
         return transient
 
+    def _settled(self, name: str) -> None:
+        """``name`` refreshed fine: forget a failure on record, and say so next time."""
+        self._failed_for_good.pop(name, None)
+        if name in self._noisy:
+            self._noisy.discard(name)
+            self._quiet.forget_all(lambda key: key[0] == name)  # type: ignore[index]
+
     def _check_ready(self, names: Sequence[str]) -> None:
-        held = set(self.cache.names())
-        if all(n in held or n in self._failed_for_good for n in names):
-            if not self.ready.is_set():
-                log.info(
-                    "ready: %d secrets loaded, %d failed", len(held), len(self._failed_for_good)
-                )
+        if self.ready.is_set():
+            return
+        holds = self.cache.holds
+        if all(holds(n) or n in self._failed_for_good for n in names):
+            log.info(
+                "ready: %d secrets loaded, %d failed",
+                len(self.cache.held()),
+                len(self._failed_for_good),
+            )
             self.ready.set()
             self.metrics.ready.set(1)
 
@@ -197,7 +236,13 @@ class Refresher:
         return base * random.uniform(1 - j, 1 + j)  # noqa: S311 - jitter
 
     async def _poll_loop(self) -> None:
-        delay = 0.0 if not self.ready.is_set() else self._interval()
+        await asyncio.sleep(0)  # a start-up load created alongside has begun by now
+        if self._load_started:
+            # Start from the state the start-up pass leaves, not with a second pass.
+            await self._loaded.wait()
+            delay = self._interval() if self.ready.is_set() else self._load_delay
+        else:
+            delay = 0.0 if not self.ready.is_set() else self._interval()
         while True:
             await wait_event(self._wake, delay)
             self._wake.clear()
@@ -210,7 +255,13 @@ class Refresher:
         except BackendUnavailable as exc:
             self.cache.mark_unavailable(exc)
             return self._note_outage(exc)
-        names = sorted(set(wanted) | set(self.cache.names()))
+        names = list(set(wanted).union(self.cache.held()))
+        if isinstance(self.store, BatchReadableStore):
+            # Cheap markers first (a stat each); only what changed is read again.
+            changed: list[str] = []
+            for i in range(0, len(names), _MARKER_SLICE):
+                changed += await self.cache.changed_markers(names[i : i + _MARKER_SLICE])
+            names = changed
         transient = await self._refresh_many(names, trigger=trigger)
         self._check_ready(wanted)
         if transient and self._last_outage is not None:
@@ -258,6 +309,11 @@ class Refresher:
                     self.watching = True
                     backoff.reset()
                     self.metrics.watch_events.labels("event").inc()
+                    if event.names is None and not self._load_started:
+                        # Watching before the start-up pass begins: it sees everything.
+                        continue
+                    if not self._loaded.is_set() and self._load_started:
+                        await self._loaded.wait()
                     await self._on_event(event.names)
             except BackendUnavailable as exc:
                 self._quiet.warning(
@@ -278,6 +334,19 @@ class Refresher:
         if names is None:
             await self.resync(trigger="watch")
             return
-        held = set(self.cache.names())
-        targets = [n for n in names if n in held or matches(n, self.patterns)]
+        holds = self.cache.holds
+        targets = [n for n in names if holds(n) or matches(n, self.patterns)]
         await self._refresh_many(targets, trigger="watch")
+
+
+async def _drain(items: Sequence[T], work: Callable[[T], Awaitable[None]], *, workers: int) -> None:
+    """``work(item)`` for each item, by at most ``workers`` tasks taking from one queue."""
+    queue = iter(items)
+
+    async def worker() -> None:
+        for item in queue:
+            await work(item)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(workers, len(items))):
+            tg.create_task(worker())

@@ -17,7 +17,7 @@ Errors, and what they mean:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -32,6 +32,9 @@ class StageState:
 
     stages: Mapping[str, str]
     revision: str
+    #: A cheaper change marker than ``revision``, where the store has one (the
+    #: file store: inode, mtime, ctime and size of ``stages.json``), else None.
+    marker: object = field(default=None, compare=False)
 
     def version_for(self, stage: str) -> str | None:
         return self.stages.get(stage)
@@ -117,6 +120,33 @@ class WritableStore(SecretStore, Protocol):
         Raises:
             Conflict: a stage points at it (checked against the stored map).
             VersionNotFound / SecretNotFound: nothing to delete.
+        """
+        ...
+
+
+@runtime_checkable
+class BatchReadableStore(Protocol):
+    """A store that reads many secrets per call (the file store: one thread hop per batch).
+
+    Each answer is the value or the error a single call would have raised,
+    in the order asked.
+    """
+
+    async def read_stages_many(self, names: Sequence[str]) -> list[StageState | Exception]:
+        """:meth:`SecretStore.read_stages` of each name."""
+        ...
+
+    async def read_versions_many(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> list[StoredVersion | Exception]:
+        """:meth:`SecretStore.read_version` of each (name, version id)."""
+        ...
+
+    async def stage_markers_many(self, names: Sequence[str]) -> list[object]:
+        """The :attr:`StageState.marker` each name's stage map has now (None if unknown).
+
+        Much cheaper than reading the maps (a stat each); a marker equal to
+        the one last read means the map is unchanged.
         """
         ...
 

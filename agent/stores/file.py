@@ -36,7 +36,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,6 +222,69 @@ class FileStore:
         validate_version_id(version_id)
         await self._run("delete_version", self._delete_version, name, version_id)
 
+    # ------------------------------------------------------------ batched reads
+
+    async def read_stages_many(self, names: Sequence[str]) -> list[StageState | Exception]:
+        """:meth:`read_stages` of each name, in one worker-thread hop."""
+        return await self._run_many("read_stages", self._read_stages, [(n,) for n in names])
+
+    async def read_versions_many(
+        self, wanted: Sequence[tuple[str, str]]
+    ) -> list[StoredVersion | Exception]:
+        """:meth:`read_version` of each (name, version id), in one worker-thread hop."""
+        return await self._run_many("read_version", self._read_version, list(wanted))
+
+    async def stage_markers_many(self, names: Sequence[str]) -> list[object]:
+        """A stat of each ``stages.json`` (inode, mtime, ctime, size), in one thread hop.
+
+        A stage move replaces the file (a new inode, a new ctime); an edit in
+        place changes mtime and ctime. None where the file cannot be stat'ed;
+        the caller then reads the map the careful way.
+        """
+        return await asyncio.to_thread(self._stage_markers, list(names))
+
+    def _stage_markers(self, names: list[str]) -> list[object]:
+        out: list[object] = []
+        root = os.fspath(self._secrets)
+        for name in names:
+            try:
+                st = os.stat(f"{root}/{name}/stages.json", follow_symlinks=False)
+            except OSError:
+                out.append(None)
+                continue
+            out.append(_marker(st) if stat.S_ISREG(st.st_mode) else None)
+        return out
+
+    async def _run_many(
+        self, operation: str, func: Callable[..., _T], calls: list[tuple[str, ...]]
+    ) -> list[_T | Exception]:
+        """Run ``func(*args)`` for each of ``calls`` in one worker thread; count each outcome."""
+
+        def batch() -> list[_T | Exception]:
+            out: list[_T | Exception] = []
+            for args in calls:
+                try:
+                    check_name(args[0])
+                    if len(args) > 1:
+                        validate_version_id(args[1])
+                    try:
+                        out.append(func(*args))
+                    except OSError as exc:
+                        raise self._os_error(exc, operation, self.root) from None
+                except AgentError as exc:
+                    out.append(exc)
+            return out
+
+        results = await asyncio.to_thread(batch)
+        if self.metrics is not None:
+            outcomes: dict[str, int] = {}
+            for r in results:
+                key = _outcome(r) if isinstance(r, AgentError) else "ok"
+                outcomes[key] = outcomes.get(key, 0) + 1
+            for outcome, n in outcomes.items():
+                self.metrics.store_operations.labels(operation, outcome).inc(n)
+        return results
+
     def watch(self) -> AsyncIterator[WatchEvent]:
         """Yield ``WatchEvent(None)``, then the names whose files change, until cancelled.
 
@@ -344,8 +407,9 @@ class FileStore:
         found = self._read_file(paths.stages, what, MalformedStoreData)
         if found is None:
             return StageState({}, "")
-        stages = _parse_stages(found[0], what, self.limits)
-        return StageState(stages, _revision(found[0]))
+        data, st = found
+        stages = _parse_stages(data, what, self.limits)
+        return StageState(stages, _revision(data), _marker(st))
 
     def _read_file(
         self, path: Path, what: str, too_large: type[AgentError]
@@ -552,6 +616,10 @@ def _revision(data: bytes) -> str:
     # A content hash, not the mtime: mtimes tick too coarsely to tell two
     # quick writes apart, and a hash also survives copies between hosts.
     return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _marker(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
 def _utc(mtime_ns: int) -> datetime:

@@ -1,6 +1,7 @@
 """The watch behind :meth:`FileStore.watch <agent.stores.file.FileStore.watch>`.
 
-A pump task feeds watchfiles' batches of changed paths into a queue; the
+A watcher thread (watchfiles' ``RustNotify``, built off the event loop) feeds
+batches of changed paths into a queue; the
 consumer merges whatever queued up, maps the paths to secret names (through
 the store, which knows the layout) and yields them as
 :class:`~agent.stores.base.WatchEvent`. A failure of the watcher, or the
@@ -11,10 +12,13 @@ the store, which knows the layout) and yields them as
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from watchfiles import Change, awatch
+from watchfiles import Change
+from watchfiles._rust_notify import RustNotify
 
 from agent.errors import BackendUnavailable
 from agent.stores.base import WatchEvent
@@ -27,21 +31,30 @@ __all__ = ["Batch", "watch_store"]
 #: One batch of changes from watchfiles: (kind of change, absolute path).
 Batch = set[tuple[Change, str]]
 _END = object()
+_READY = object()
 
 
 async def watch_store(store: FileStore) -> AsyncIterator[WatchEvent]:
     """The body of :meth:`FileStore.watch` (see there)."""
     identity = await asyncio.to_thread(store._start_watch)
-    stop = asyncio.Event()
-    queue: asyncio.Queue[object] = asyncio.Queue()  # batches, then an exception or _END
-    pump = asyncio.create_task(_pump(store, stop, queue), name=f"watch {store.root}")
+    stop = threading.Event()
+    queue: asyncio.Queue[object] = asyncio.Queue()  # _READY, batches, then an exception or _END
+    loop = asyncio.get_running_loop()
+
+    def post(item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens any more
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    pump = asyncio.create_task(
+        asyncio.to_thread(_watch_thread, store, stop, post), name=f"watch {store.root}"
+    )
     try:
-        # One loop pass runs the pump up to its first real wait, and awatch
-        # installs every inotify watch (RustNotify) before that: so nothing
-        # written after the resync below can be missed.
-        await asyncio.sleep(0)
-        if pump.done():
-            _raise_from(queue.get_nowait(), store)
+        # The watcher thread installs every inotify watch (building RustNotify
+        # costs ~1 s per 10k directories, so not on the event loop) before it
+        # posts _READY: nothing written after the resync below can be missed.
+        first = await queue.get()
+        if first is not _READY:
+            _raise_from(first, store)
         yield WatchEvent(None)
         while True:
             changes = await _next_batch(queue, store)
@@ -53,25 +66,34 @@ async def watch_store(store: FileStore) -> AsyncIterator[WatchEvent]:
         await _reap(pump)
 
 
-async def _pump(store: FileStore, stop: asyncio.Event, queue: asyncio.Queue[object]) -> None:
-    """Feed watchfiles' batches into ``queue``; an exception or _END ends the stream."""
+def _watch_thread(store: FileStore, stop: threading.Event, post: Callable[[object], None]) -> None:
+    """Own one RustNotify for the watch's life; post its batches (what ``awatch`` does).
+
+    Periodic empty batches (``rust_timeout``) let the consumer notice the
+    directory being moved away or replaced, as inotify would go quiet.
+    """
     try:
-        async for changes in awatch(
-            store._secrets,
-            watch_filter=None,  # the default filter drops names like node_modules/ or *~
-            debounce=store.watch_debounce_ms,
-            step=store.watch_step_ms,
-            stop_event=stop,
-            # Wake up periodically even without changes, to notice the
-            # directory being moved away or replaced (inotify would go quiet).
-            rust_timeout=store.watch_check_interval_ms,
-            yield_on_timeout=True,
-        ):
-            queue.put_nowait(changes)
+        with RustNotify([str(store._secrets)], False, False, 300, True, False) as watcher:
+            post(_READY)
+            while not stop.is_set():
+                raw = watcher.watch(
+                    store.watch_debounce_ms,
+                    store.watch_step_ms,
+                    store.watch_check_interval_ms,
+                    stop,
+                )
+                if raw == "stop":
+                    break
+                if raw == "timeout":
+                    post(set())
+                elif raw == "signal":
+                    raise RuntimeError("the watch thread unexpectedly received a signal")
+                else:
+                    post({(Change(change), path) for change, path in raw})
     except Exception as exc:  # handed over to the consumer, which raises it
-        queue.put_nowait(exc)
+        post(exc)
     finally:
-        queue.put_nowait(_END)
+        post(_END)
 
 
 async def _next_batch(queue: asyncio.Queue[object], store: FileStore) -> Batch:
@@ -95,7 +117,7 @@ def _raise_from(item: object, store: FileStore) -> NoReturn:
     raise BackendUnavailable(f"watching {store._secrets} stopped unexpectedly")
 
 
-async def _reap(pump: asyncio.Task[None]) -> None:
+async def _reap(pump: asyncio.Task[None]) -> None:  # the watcher thread's task
     """Wait for the pump to end after ``stop`` was set; cancel it if it does not."""
     _done, pending = await asyncio.wait({pump}, timeout=5.0)
     if pending:
