@@ -9,41 +9,75 @@ write the file (see ``docs/security.md``: ship it off the host to anchor it).
 
 A record names the event, the caller (uid/gid/pid/exe, or the *name* of the
 TCP token), the secret, version and stage, the outcome and a reason; never a
-value, never a token. The file is opened ``O_APPEND`` (created ``0600``,
-symlinks refused) and written one line per ``os.write``, so a record is in the
-kernel's hands when :meth:`AuditLog.record` returns; a line is a few hundred
-bytes, so writing inline does not stall the event loop. When the file is
-renamed away (logrotate) the next record opens a new file at the same path
-and continues the chain; ``copytruncate`` works too. On start the chain
-continues from the last line of an existing file.
+value, never a token.
+
+Writing (issues 11 and 13):
+
+* **Group commit.** :meth:`AuditLog.record` only queues the record. The
+  writer task (:meth:`AuditLog.run`, owned by the daemon) writes everything
+  queued with one ``write`` per batch; a read awaits :meth:`AuditLog.sync`,
+  so a value is released only once its record is in the kernel (a batch is
+  what queued while the previous one was written: no timer, no added delay
+  when idle). Without a running writer (the CLI, unit tests) each record is
+  written at once.
+* **Whole records or none.** A batch that fails part-way (disk full) is
+  truncated back to where it started, so the file never holds a torn line and
+  the chain continues from the last whole record when space returns; a torn
+  tail left by a crash is cut on start. Records that were not written are
+  counted, and a ``records_dropped`` record says how many once writing works
+  again.
+* **Refusals aggregated.** Denied, refused, not-found and failed requests are
+  written once per (event, caller, secret, reason) per
+  ``audit.aggregate_interval``; repeats are counted and written as one record
+  with ``count`` at the end of the interval. So a flood of refused requests
+  costs a few records, not a record each. Allowed reads are recorded one by
+  one, unless ``audit.coalesce_reads`` is set.
+* **fsync** of the file at most every ``audit.fsync_interval`` (in a worker
+  thread, so the loop never waits for the disk), and at shutdown.
+* **Rotation** by size (``audit.max_size``): the file is renamed to
+  ``<name>.<seq of its first record>`` and the chain continues in a new file.
+  External rotation (logrotate: rename or ``copytruncate``) works too.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import stat
-import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from agent.auditverify import GENESIS, Verdict, expand, line_hash, verify
 from agent.config import AuditConfig
 from agent.errors import BackendUnavailable, ConfigError
 from agent.metrics import Metrics
+from agent.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from agent.server.peer import Caller
 
+__all__ = [
+    "EVENTS",
+    "GENESIS",
+    "AuditLog",
+    "AuditUnavailable",
+    "Auditor",
+    "NullAudit",
+    "Verdict",
+    "expand",
+    "last_line",
+    "line_hash",
+    "verify",
+]
+
 log = logging.getLogger(__name__)
 
-#: ``prev`` of the first record of a new chain.
-GENESIS = "0" * 64
 #: The events the agent records (others are allowed, but must look like these).
 EVENTS = frozenset(
     {
@@ -57,10 +91,16 @@ EVENTS = frozenset(
         "key_rotated",
         "config_reloaded",
         "envelope_refused",
+        "records_dropped",
     }
 )
 _EVENT_RE = re.compile(r"[a-z][a-z_]{0,31}")
 _TAIL_CHUNK = 4096
+#: Distinct (event, caller, secret, reason) keys aggregated per interval; the
+#: rest of the interval's refusals are counted in one overflow record.
+MAX_AGGREGATE_KEYS = 256
+_UNWRITABLE = "the audit log cannot be written; reads are refused until it can"
+_OVERFLOW_REASON = "more distinct callers, names or reasons than aggregated one by one"
 
 
 class AuditUnavailable(BackendUnavailable):
@@ -84,11 +124,23 @@ class Auditor(Protocol):
         reason: str | None = None,
         required: bool = False,
     ) -> None:
-        """Append one record.
+        """Queue one record (written at once when no writer task runs).
 
         Never raises for a failed write unless ``required``: then it raises
         :class:`AuditUnavailable` and the caller must not release the value.
+        With a writer task running, a ``required`` record's fate is known
+        only after :meth:`sync`.
         """
+
+    async def sync(self) -> None:
+        """Wait until every record queued so far is written.
+
+        Raises:
+            AuditUnavailable: the batch could not be written.
+        """
+
+    async def run(self) -> None:
+        """The writer task: write batches until cancelled."""
 
     def status(self) -> dict[str, Any]:
         """A short summary for ``/v1/status`` (no record content)."""
@@ -97,7 +149,7 @@ class Auditor(Protocol):
         """Open the file again after an external rotation (no-op when off)."""
 
     async def aclose(self) -> None:
-        """Close the log; later records are dropped (or refused if required)."""
+        """Write what is queued, fsync and close; later records are dropped (or refused)."""
 
 
 class NullAudit:
@@ -117,6 +169,12 @@ class NullAudit:
     ) -> None:
         """Drop the record."""
 
+    async def sync(self) -> None:
+        return None
+
+    async def run(self) -> None:
+        return None
+
     def status(self) -> dict[str, Any]:
         return {"enabled": False}
 
@@ -127,46 +185,99 @@ class NullAudit:
         return None
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+class _Clock:
+    """UTC timestamps with millisecond precision; the seconds part is formatted once a second."""
 
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
 
-def line_hash(line: bytes) -> str:
-    """The chain hash of one record line (without its newline)."""
-    return hashlib.sha256(line).hexdigest()
+    def format(self, t: float) -> str:
+        sec = int(t)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((t - sec) * 1000):03d}Z"
 
 
 def last_line(path: Path) -> bytes | None:
-    """The last non-empty line of ``path`` (read from the end), or None if empty."""
+    """The last complete line of ``path`` (read from the end), or None if there is none."""
     with open(path, "rb") as fh:
-        pos = fh.seek(0, os.SEEK_END)
-        tail = b""
-        while pos > 0:
-            step = min(_TAIL_CHUNK, pos)
-            pos -= step
-            fh.seek(pos)
-            tail = fh.read(step) + tail
-            body = tail.rstrip(b"\n")
-            cut = body.rfind(b"\n")
-            if cut >= 0:
-                return body[cut + 1 :]
-        body = tail.rstrip(b"\n")
-        return body or None
+        end = _last_newline(fh, fh.seek(0, os.SEEK_END))
+        while end > 0:
+            start = _last_newline(fh, end) + 1
+            if start < end:
+                fh.seek(start)
+                return fh.read(end - start)
+            end = start - 1
+        return None
+
+
+def _last_newline(fh: BinaryIO, end: int) -> int:
+    """The offset of the last ``\\n`` in the open file, or -1."""
+    pos = end
+    while pos > 0:
+        step = min(_TAIL_CHUNK, pos)
+        pos -= step
+        fh.seek(pos)
+        chunk: bytes = fh.read(step)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return pos + at
+    return -1
+
+
+class _Aggregate:
+    """Repeats of one record within an interval: counted, written as one record."""
+
+    __slots__ = ("count", "fields", "first")
+
+    def __init__(self, fields: dict[str, Any], first: float) -> None:
+        self.fields = fields
+        self.first = first
+        self.count = 0
 
 
 class AuditLog:
     """A hash-chained JSON-lines audit log on a file, or on stdout (``path=None``)."""
 
-    def __init__(self, path: Path | None, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        metrics: Metrics | None = None,
+        settings: AuditConfig | None = None,
+    ) -> None:
         self.path = path
         self.metrics = metrics
-        self._lock = threading.Lock()
+        self.settings = settings or AuditConfig()
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        self._size = 0
+        self._file_first_seq = 1
         self._prev = GENESIS
         self._seq = 0
         self._failing = False
         self._closed = False
+        self._queue: list[dict[str, Any]] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._running = False
+        self._dirty = False
+        self._syncing: asyncio.Future[None] | None = None
+        self._last_fsync = time.monotonic()
+        self._window_start = time.monotonic()
+        self._refusals: dict[tuple[Any, ...], _Aggregate] = {}
+        self._reads: dict[tuple[Any, ...], _Aggregate] = {}
+        self._reads_start = time.monotonic()
+        self._dropped = 0
+        self._aggregated = 0
+        self._coalesced = 0
+        self._clock = _Clock()
+        self._errors = RateLimitedLog(log, interval=30.0)
+        self._counters: dict[str, Any] = {}
+        self._tick_due = False
+        self._tick_handle: asyncio.TimerHandle | None = None
         if path is None:
             self._fd = 1
         else:
@@ -188,17 +299,18 @@ class AuditLog:
         if cfg.path is None:
             return NullAudit()
         if cfg.path == "-":
-            return cls(None, metrics=metrics)
+            return cls(None, metrics=metrics, settings=cfg)
         path = Path(cfg.path).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        return cls(path, metrics=metrics)
+        return cls(path, metrics=metrics, settings=cfg)
 
     # ---------------------------------------------------------------- file handling
 
     def _resume(self, path: Path) -> None:
-        """Continue the chain from the last line of an existing log."""
+        """Continue the chain from the last whole line; cut a torn tail left by a crash."""
         try:
+            self._cut_torn_tail(path)
             last = last_line(path)
         except FileNotFoundError:
             return
@@ -212,6 +324,19 @@ class AuditLog:
             self._seq = seq if isinstance(seq, int) else 0
         except (ValueError, KeyError, TypeError):
             log.warning("the last line of audit log %s is not a record; chaining to it", path)
+
+    @staticmethod
+    def _cut_torn_tail(path: Path) -> None:
+        with open(path, "r+b") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            keep = _last_newline(fh, end) + 1
+            if keep < end:
+                fh.truncate(keep)
+                log.warning(
+                    "audit log %s ended with %d bytes of an incomplete record; removed them",
+                    path,
+                    end - keep,
+                )
 
     def _open(self) -> None:
         assert self.path is not None
@@ -229,26 +354,46 @@ class AuditLog:
             raise ConfigError(f"audit log {self.path} is not a regular file", path="audit.path")
         old, self._fd = self._fd, fd
         self._ident = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+        if st.st_size == 0:
+            self._file_first_seq = self._seq + 1
         if old is not None and old != 1:
             os.close(old)
 
     def _follow_rotation(self) -> None:
         """Reopen the path if the file we hold was renamed away or deleted."""
-        assert self.path is not None
+        if self.path is None or self._closed:
+            return
         try:
             st = os.stat(self.path)
             current: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except FileNotFoundError:
             current = None
-        if current != self._ident:
+        if current == self._ident:
+            self._size = st.st_size  # copytruncate shrinks the file under us
+        else:
             self._open()
             log.info("audit log %s was rotated; continuing the chain in a new file", self.path)
 
+    def _rotate(self) -> None:
+        """Size rotation: rename the file to ``<name>.<first seq>``; continue in a new one."""
+        assert self.path is not None and self._fd is not None
+        target = self.path.with_name(f"{self.path.name}.{self._file_first_seq:012d}")
+        if target.exists():
+            target = target.with_name(f"{target.name}.{int(time.time())}")
+        os.fsync(self._fd)
+        os.rename(self.path, target)
+        self._open()
+        self._file_first_seq = self._seq + 1
+        log.info("audit log rotated to %s; the chain continues in %s", target.name, self.path)
+
     def reopen(self) -> None:
         """Open the path again (after an external rotation; e.g. on SIGHUP)."""
-        with self._lock:
-            if self.path is not None and not self._closed:
+        if self.path is not None and not self._closed:
+            try:
                 self._open()
+            except ConfigError as exc:
+                self._errors.error("reopen", "cannot reopen the audit log: %s", exc.message)
 
     # ---------------------------------------------------------------------- records
 
@@ -264,54 +409,258 @@ class AuditLog:
         reason: str | None = None,
         required: bool = False,
     ) -> None:
-        """Append one record (see :class:`Auditor`)."""
+        """Queue one record (see :class:`Auditor`)."""
         if not _EVENT_RE.fullmatch(event):
             raise ValueError(f"audit event names are short snake_case words, got {event!r}")
-        with self._lock:
-            seq = self._seq + 1
-            doc: dict[str, Any] = {"seq": seq, "time": _now(), "event": event, "outcome": outcome}
-            if caller is not None:
-                doc["caller"] = caller.describe()
-            for key, value in (
-                ("secret", secret),
-                ("version", version),
-                ("stage", stage),
-                ("reason", reason),
-            ):
-                if value is not None:
-                    doc[key] = value
-            doc["prev"] = self._prev
-            line = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
-            if not self._write(line + b"\n"):
-                if required:
-                    raise AuditUnavailable(
-                        "the audit log cannot be written; reads are refused until it can"
-                    )
+        now = time.time()
+        doc: dict[str, Any] = {"time": now, "event": event, "outcome": outcome}
+        if caller is not None:
+            doc["caller"] = caller.describe()
+        if secret is not None:
+            doc["secret"] = secret
+        if version is not None:
+            doc["version"] = version
+        if stage is not None:
+            doc["stage"] = stage
+        if reason is not None:
+            doc["reason"] = reason
+        if caller is not None and not required and outcome != "allowed":
+            if not self._aggregate(self._refusals, doc, reason_key=True):
                 return
+        elif (
+            required
+            and self.settings.coalesce_reads > 0
+            and not self._aggregate(self._reads, doc, reason_key=False)
+        ):
+            return
+        if self._closed:
+            self._dropped += 1
+            if required:
+                raise AuditUnavailable("the audit log is closed; reads are refused")
+            return
+        self._queue.append(doc)
+        if self._running:
+            assert self._wake is not None
+            self._wake.set()
+            return
+        if not self._flush() and required:
+            raise AuditUnavailable(_UNWRITABLE)
+
+    def _aggregate(
+        self, table: dict[tuple[Any, ...], _Aggregate], doc: dict[str, Any], *, reason_key: bool
+    ) -> bool:
+        """Whether ``doc`` is written now (first of its key); repeats are only counted."""
+        caller = json.dumps(doc.get("caller"), sort_keys=True)
+        key: tuple[Any, ...] = (
+            doc["event"],
+            doc["outcome"],
+            caller,
+            doc.get("secret"),
+            doc.get("version"),
+            doc.get("stage"),
+            doc.get("reason") if reason_key else None,
+        )
+        entry = table.get(key)
+        if entry is None and len(table) >= MAX_AGGREGATE_KEYS:
+            key = (doc["event"], "*overflow*")
+            entry = table.get(key)
+            if entry is None:
+                fields = {"event": doc["event"], "outcome": doc["outcome"]}
+                fields["reason"] = _OVERFLOW_REASON
+                entry = table[key] = _Aggregate(fields, doc["time"])
+            entry.count += 1
+            return False
+        if entry is None:
+            fields = {k: v for k, v in doc.items() if k != "time"}
+            table[key] = _Aggregate(fields, doc["time"])
+            return True
+        entry.count += 1
+        if table is self._reads:
+            self._coalesced += 1
+        else:
+            self._aggregated += 1
+        return False
+
+    def _drain(self, table: dict[tuple[Any, ...], _Aggregate]) -> None:
+        """Queue one record with ``count`` per key repeated in the interval; start a new one."""
+        now = time.time()
+        for entry in table.values():
+            if entry.count:
+                doc = {"time": now, **entry.fields, "count": entry.count}
+                doc["since"] = self._clock.format(entry.first)
+                self._queue.append(doc)
+        table.clear()
+
+    def _line(self, doc: dict[str, Any], seq: int) -> bytes:
+        out = {"seq": seq, "time": self._clock.format(doc["time"])}
+        out.update((k, v) for k, v in doc.items() if k != "time")
+        out["prev"] = self._prev
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def _flush(self) -> bool:
+        """Write every queued record in one write; whole batch or nothing. Resolves waiters."""
+        waiter, self._waiter = self._waiter, None
+        if not self._queue:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return True
+        queue, self._queue = self._queue, []
+        if self._dropped and not self._closed:
+            gap = {"time": time.time(), "event": "records_dropped", "outcome": "lost"}
+            gap.update(count=self._dropped, reason="the audit log could not be written")
+            queue.insert(0, gap)
+        if not self._running:
+            try:
+                self._follow_rotation()
+            except (OSError, ConfigError) as exc:
+                why = exc.message if isinstance(exc, ConfigError) else exc.strerror
+                self._errors.error("reopen", "cannot reopen the audit log: %s", why)
+        prev, seq = self._prev, self._seq
+        lines = []
+        for doc in queue:
+            seq += 1
+            line = self._line(doc, seq)
+            lines.append(line)
             self._prev = line_hash(line)
+        ok = self._write(b"\n".join(lines) + b"\n")
+        if ok:
             self._seq = seq
-        if self.metrics is not None:
-            self.metrics.audit_events.labels(event).inc()
+            self._dropped = 0
+            self._count(queue)
+        else:
+            self._prev = prev
+            self._dropped += sum(1 for d in queue if d["event"] != "records_dropped")
+        if waiter is not None and not waiter.done():
+            if ok:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(AuditUnavailable(_UNWRITABLE))
+        return ok
+
+    def _count(self, queue: Iterable[dict[str, Any]]) -> None:
+        if self.metrics is None:
+            return
+        for doc in queue:
+            event = doc["event"]
+            child = self._counters.get(event)
+            if child is None:
+                child = self._counters[event] = self.metrics.audit_events.labels(event)
+            child.inc(doc.get("count", 1))
 
     def _write(self, data: bytes) -> bool:
+        """Append ``data``; on failure truncate back to where it started."""
         if self._closed or self._fd is None:
             return False
+        start = self._size
         try:
-            if self.path is not None:
-                self._follow_rotation()
+            if (
+                self.path is not None
+                and self.settings.max_size is not None
+                and start > 0
+                and start + len(data) > self.settings.max_size
+            ):
+                self._rotate()
+                start = self._size
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
         except (OSError, ConfigError) as exc:
-            if not self._failing:
-                reason = exc.strerror if isinstance(exc, OSError) else exc.message
-                log.error("cannot write the audit log %s: %s", self.path or "stdout", reason)
+            self._truncate_back(start)
+            reason = exc.strerror if isinstance(exc, OSError) else exc.message
+            self._errors.error(
+                "write", "cannot write the audit log %s: %s", self.path or "stdout", reason
+            )
             self._failing = True
             return False
+        self._size = start + len(data)
+        self._dirty = True
         if self._failing:
             log.info("the audit log %s is writable again", self.path or "stdout")
             self._failing = False
         return True
+
+    def _truncate_back(self, start: int) -> None:
+        """Remove a partial batch: the file ends at ``start`` again (or at its last newline)."""
+        if self.path is None or self._fd is None:
+            return
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < start:  # truncated under us (copytruncate): keep whole lines only
+                with open(self._fd, "rb", closefd=False) as fh:
+                    start = _last_newline(fh, size) + 1
+            if size != start:
+                os.ftruncate(self._fd, start)
+            self._size = start
+        except OSError as exc:
+            self._errors.error("truncate", "cannot truncate a torn audit record: %s", exc.strerror)
+
+    # ----------------------------------------------------------------- writer task
+
+    async def sync(self) -> None:
+        """Wait until every queued record is written (see :class:`Auditor`)."""
+        if not self._running or not self._queue:
+            return
+        if self._waiter is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._waiter)
+
+    async def run(self) -> None:
+        """Write queued records in batches; aggregate, fsync and rotate on a 1 s tick."""
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._running = True
+        self._tick_handle = loop.call_later(1.0, self._tick, loop)
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                self._flush()
+                self._housekeeping(loop)
+        finally:
+            if self._tick_handle is not None:
+                self._tick_handle.cancel()
+            self._running = False
+            self._flush()
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._tick_due = True
+        if self._wake is not None:
+            self._wake.set()
+        self._tick_handle = loop.call_later(1.0, self._tick, loop)
+
+    def _housekeeping(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._tick_due:
+            return
+        self._tick_due = False
+        now = time.monotonic()
+        if now - self._window_start >= self.settings.aggregate_interval:
+            self._window_start = now
+            self._drain(self._refusals)
+        if 0 < self.settings.coalesce_reads <= now - self._reads_start:
+            self._reads_start = now
+            self._drain(self._reads)
+        if self._queue:
+            self._flush()
+        with contextlib.suppress(OSError, ConfigError):
+            self._follow_rotation()
+        idle = self._syncing is None or self._syncing.done()
+        if idle and self._dirty and now - self._last_fsync >= self.settings.fsync_interval:
+            self._start_fsync(loop)
+
+    def _start_fsync(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._fd is None or self._fd == 1:
+            return
+        self._dirty = False
+        self._last_fsync = time.monotonic()
+        fd = os.dup(self._fd)
+
+        def fsync() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        self._syncing = loop.run_in_executor(None, fsync)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -319,6 +668,9 @@ class AuditLog:
             "path": str(self.path) if self.path is not None else "-",
             "records": self._seq,
             "failing": self._failing,
+            "dropped": self._dropped,
+            "aggregated": self._aggregated,
+            "coalesced": self._coalesced,
         }
 
     @property
@@ -327,66 +679,18 @@ class AuditLog:
         return self._prev
 
     async def aclose(self) -> None:
-        with self._lock:
-            self._closed = True
-            fd, self._fd = self._fd, None
-            if fd is not None and fd != 1:
-                os.close(fd)
-
-
-# --------------------------------------------------------------------------- verify
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The result of :func:`verify`: ``ok``, the record count, and the first break."""
-
-    ok: bool
-    records: int
-    head: str
-    file: str | None = None
-    line: int | None = None
-    reason: str | None = None
-
-
-def _check(doc: object, prev: str | None, seq: int | None) -> str | None:
-    """Why a parsed record does not continue the chain (None if it does)."""
-    if not isinstance(doc, dict):
-        return "not a JSON object"
-    if not isinstance(doc.get("seq"), int) or not isinstance(doc.get("prev"), str):
-        return "no 'seq' or 'prev' field: not an audit record"
-    if not isinstance(doc.get("event"), str) or not isinstance(doc.get("outcome"), str):
-        return "no 'event' or 'outcome' field: not an audit record"
-    if seq is not None and doc["seq"] != seq + 1:
-        if doc["seq"] > seq + 1:
-            return f"seq {doc['seq']} follows {seq}: record(s) missing"
-        return f"seq {doc['seq']} follows {seq}: records out of order or repeated"
-    if prev is not None and doc["prev"] != prev:
-        return "prev hash does not match the line before: it was edited, removed or reordered"
-    return None
-
-
-def verify(paths: Sequence[Path] | Iterable[Path]) -> Verdict:
-    """Check the chain through ``paths`` (older files first; one file is common).
-
-    The first record of the first file may continue a chain from an earlier
-    file that is not given; every other link is checked.
-    """
-    prev: str | None = None
-    seq: int | None = None
-    records = 0
-    for path in paths:
-        with open(path, "rb") as fh:
-            for number, raw in enumerate(fh, start=1):
-                line = raw.rstrip(b"\n")
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    doc = None
-                why = _check(doc, prev, seq) if doc is not None else "not valid JSON"
-                if why is not None:
-                    return Verdict(False, records, prev or GENESIS, str(path), number, why)
-                assert isinstance(doc, dict)
-                prev, seq = line_hash(line), doc["seq"]
-                records += 1
-    return Verdict(True, records, prev or GENESIS)
+        """Write the queue and the pending counts, fsync, close (never loses a queued record)."""
+        if self._closed:
+            return
+        self._drain(self._refusals)
+        self._drain(self._reads)
+        self._flush()
+        if self._syncing is not None:
+            with contextlib.suppress(OSError):
+                await self._syncing
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None and fd != 1:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)

@@ -183,11 +183,42 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
+class ConnectionsConfig(_Model):
+    """Per-listener connection bounds (Unix socket, TCP port, metrics port); issue 11."""
+
+    max_open: PositiveInt = Field(
+        default=512,
+        description="Open connections per listener (Unix socket, TCP port, metrics port), idle "
+        "ones included. A new connection at the cap closes the oldest idle one; if every one "
+        "is busy, the new one gets a 503 and is closed. Lowered at start, with a warning, to "
+        "fit `RLIMIT_NOFILE` (see `reserved_fds`).",
+    )
+    header_timeout: Duration = Field(
+        default=10.0,
+        description="A new connection must send a whole request head within this, or it is "
+        "closed (slowloris).",
+    )
+    keepalive_timeout: Duration = Field(
+        default=15.0, description="A connection idle between requests is closed after this."
+    )
+    reserved_fds: int = Field(
+        default=128,
+        ge=0,
+        description="Descriptors kept out of the listeners' reach (store, audit log, watches, "
+        "renders): caps + one listen backlog (128) per listener + descriptors open at start + "
+        "this stay under the soft `RLIMIT_NOFILE`, which the agent first raises to the hard one.",
+    )
+
+
 class ListenConfig(_Model):
     socket: ConfigPath = Field(default_factory=default_socket_path)
     socket_mode: Mode = Field(default=0o660, validate_default=False)
     socket_group: str | int | None = None
     max_connections: PositiveInt = 800
+    connections: ConnectionsConfig = Field(
+        default_factory=ConnectionsConfig,
+        description="Connection bounds of every listener. See [security.md](security.md).",
+    )
     tcp: TcpListenConfig | None = None
 
 
@@ -513,6 +544,29 @@ class RetentionConfig(_Model):
 
 class AuditConfig(_Model):
     path: str | None = None
+    aggregate_interval: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Refused, denied, not-found and failed requests: the first of each (event, "
+        "caller, secret, reason) is written at once, the repeats within the interval as one "
+        "record with `count`.",
+    )
+    coalesce_reads: Duration = Field(
+        default=0.0,
+        description="When not `0`: identical allowed reads (same caller, secret, version, "
+        "stage) within this window are one record, plus one with the `count` of the repeats.",
+    )
+    fsync_interval: Duration = Field(
+        default=1.0,
+        description="The log is fsynced at most this often (in a worker thread) and at "
+        "shutdown; `0`: after every batch.",
+    )
+    max_size: ByteSize | None = Field(
+        default=None,
+        description="Rotate the file when it would pass this size (`100MiB`, `512KiB` or "
+        "bytes): it is renamed `<name>.<first seq>` and the chain continues in a new file; "
+        "`null`: never.",
+    )
 
 
 class LogConfig(_Model):

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from agent.audit import AuditLog
 from agent.cache import SecretCache
-from agent.config import AgentConfig, load_config, split_host_port
+from agent.config import AgentConfig, load_config
 from agent.core import Core
 from agent.errors import AgentError, ConfigError
 from agent.keyrotation import KeyRotation
@@ -29,9 +29,10 @@ from agent.render.sources import CacheSource
 from agent.rotation.engine import RotationEngine
 from agent.rotation.scheduler import RotationScheduler
 from agent.server.access import AccessPolicy
-from agent.server.app import STATE, ServerState, build_app, metrics
-from agent.server.tcp import start_tcp_listener
-from agent.sockets import bind_unix_site
+from agent.server.app import ServerState, build_app
+from agent.server.connections import GuardedRunner, listener_limits
+from agent.server.tcp import start_metrics_listener, start_tcp_listener
+from agent.sockets import bind_unix_site, quiet_accept_errors
 from agent.supervise import Supervisor, error_kind
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,12 @@ class Daemon:
         )
         self.background.append(self.rotation.run)
         self.state.status_providers.append(self.rotation.status)
+        self.background.append(self.audit.run)
         self.state.status_providers.append(self.renderer.status)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
+        self.state.status_providers.append(self._connection_status)
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = [self.rotation.reconfigure]
 
@@ -132,6 +135,16 @@ class Daemon:
             report = getattr(provider, "status", None)
             out.append(report() if callable(report) else {"provider": name, "last_error": None})
         return {"keys": out}
+
+    def _connection_status(self) -> dict[str, Any]:
+        """Open connections and what the guards closed, per listener (for /v1/status)."""
+        return {
+            "connections": {
+                r.listener: r.guard.status()
+                for r in self._runners
+                if isinstance(r, GuardedRunner) and r.guard is not None
+            }
+        }
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -172,9 +185,13 @@ class Daemon:
 
     async def _start_listeners(self) -> None:
         listen = self.config.listen
+        quiet_accept_errors(asyncio.get_running_loop())
+        names = ["unix"] + ["tcp"] * (listen.tcp is not None)
+        names += ["metrics"] * (self.config.metrics.listen is not None)
+        limits = listener_limits(listen.connections, names)
         prefix = listen.tcp.aws_path_prefix if listen.tcp is not None else "/v1/"
         app = build_app(self.state, listener="unix", aws_path_prefix=prefix)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = GuardedRunner(app, listener="unix", limits=limits["unix"])
         await runner.setup()
         self._runners.append(runner)
         await bind_unix_site(
@@ -183,19 +200,16 @@ class Daemon:
         log.info("serving on unix socket %s", listen.socket)
         if listen.tcp is not None:
             trunner, port = await start_tcp_listener(
-                self.state, listen.tcp, base_dir=self.config.base_dir
+                self.state, listen.tcp, base_dir=self.config.base_dir, limits=limits["tcp"]
             )
             self._runners.append(trunner)
             log.info("serving on loopback TCP port %d (token required)", port)
         if self.config.metrics.listen is not None:
-            host, port = split_host_port(self.config.metrics.listen)
-            mapp = web.Application()
-            mapp[STATE] = self.state
-            mapp.router.add_get("/metrics", metrics)
-            mrunner = web.AppRunner(mapp, handle_signals=False, access_log=None)
-            await mrunner.setup()
-            self._runners.append(mrunner)
-            await web.TCPSite(mrunner, host, port).start()
+            self._runners.append(
+                await start_metrics_listener(
+                    self.state, self.config.metrics.listen, limits=limits["metrics"]
+                )
+            )
             log.info("metrics on http://%s/metrics", self.config.metrics.listen)
 
     async def _stop_listeners(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import grp
+import logging
 import os
 import socket
 import stat
@@ -12,8 +14,42 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.errors import ConfigError
+from agent.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
 
 _MAX_SUN_PATH = 107
+#: asyncio's message when ``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM.
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop, *, interval: float = 10.0) -> None:
+    """Log "accept out of resources" once per ``interval`` with a count, without a traceback.
+
+    asyncio reports each failed ``accept()`` through the loop's exception
+    handler with a full traceback and retries a second later, per listener:
+    under a descriptor flood that was 40 MB of log in 25 s (issue 11). Other
+    reports go to the handler that was installed before.
+    """
+    previous = loop.get_exception_handler()
+    limited = RateLimitedLog(log, interval=interval)
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        if context.get("message") == _ACCEPT_EXHAUSTED:
+            exc = context.get("exception")
+            reason = exc.strerror if isinstance(exc, OSError) else "unknown"
+            limited.warning(
+                "accept",
+                "cannot accept connections: %s; new connections wait until descriptors free up",
+                reason,
+            )
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def prepare_socket_path(path: Path) -> None:

@@ -199,7 +199,10 @@ async def test_a_failed_write_refuses_required_records_and_drops_others_without_
     write(log, 1, start=1)
     await log.aclose()
     assert log.status()["failing"] is False
-    assert [d["seq"] for d in docs(path)] == [1, 2]
+    # The gap is recorded: the two records that could not be written are counted.
+    written = docs(path)
+    assert [d["seq"] for d in written] == [1, 2, 3]
+    assert written[1]["event"] == "records_dropped" and written[1]["count"] == 2
     assert verify([path]).ok
 
 

@@ -11,7 +11,11 @@ from agent.commands.common import EXIT_FAILURE, EXIT_OK, err
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Print ``ok: N records`` and exit 0, or name the first broken link and exit 1."""
+    """Print ``ok: N records`` and exit 0, or name the first broken link and exit 1.
+
+    A directory stands for every audit file in it, in chain order (rotated
+    files are ordered by their first record, whatever their names).
+    """
     paths = [Path(p) for p in args.files]
     try:
         verdict = verify(paths)
@@ -22,7 +26,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"broken: {verdict.file}:{verdict.line}: {verdict.reason}")
         print(f"ok before it: {verdict.records} records")
         return EXIT_FAILURE
-    print(f"ok: {verdict.records} records")
+    files = f" in {verdict.files} files" if verdict.files > 1 else ""
+    print(f"ok: {verdict.records} records{files}")
     print(f"head: sha256:{verdict.head}")
     return EXIT_OK
 
@@ -33,7 +38,7 @@ def register(sub: Any) -> None:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     p = audit_sub.add_parser(
         "verify",
-        help="check the hash chain of an audit log (give rotated files first, oldest first)",
+        help="check the hash chain of an audit log (files oldest first, or a directory)",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
     p.set_defaults(func=cmd_verify)

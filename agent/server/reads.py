@@ -10,7 +10,8 @@ The order matters for what a caller can learn:
    learns that a stage is missing (404) or not allowed to it (403). A read by
    version id is checked against the stages that version carries.
 3. The ``read`` record is written (``required``) before the value is
-   returned: if the audit log cannot be written, the read fails with 503.
+   returned: the read waits for its batch (group commit); if the audit log
+   cannot be written, the read fails with 503.
 
 Every decision is counted in ``access_decisions`` and audited.
 """
@@ -153,4 +154,5 @@ async def read_secret(
             await state.cache.refresh(name, trigger="request", force=True)
     lookup = await read.lookup()
     read.release(lookup.secret)
+    await state.audit.sync()
     return lookup

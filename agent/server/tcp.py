@@ -20,9 +20,10 @@ from aiohttp import web
 
 from agent.config import TcpListenConfig, split_host_port
 from agent.errors import ConfigError
-from agent.server.app import build_app
+from agent.server.app import build_app, metrics
 from agent.server.checks import TokenAuth, only_get, refuse_forwarded
-from agent.server.state import ServerState
+from agent.server.connections import ConnectionLimits, GuardedRunner
+from agent.server.state import STATE, ServerState
 
 _BACKLOG = 128
 
@@ -86,11 +87,17 @@ async def start_tcp_site(runner: web.AppRunner, tcp: TcpListenConfig) -> tuple[w
 
 
 async def start_tcp_listener(
-    state: ServerState, tcp: TcpListenConfig, *, base_dir: Path | None
-) -> tuple[web.AppRunner, int]:
+    state: ServerState,
+    tcp: TcpListenConfig,
+    *,
+    base_dir: Path | None,
+    limits: ConnectionLimits | None = None,
+) -> tuple[GuardedRunner, int]:
     """Build, set up and start the TCP listener; the caller owns (and cleans up) the runner."""
-    runner = web.AppRunner(
-        build_tcp_app(state, tcp, base_dir=base_dir), handle_signals=False, access_log=None
+    runner = GuardedRunner(
+        build_tcp_app(state, tcp, base_dir=base_dir),
+        listener="tcp",
+        limits=limits or ConnectionLimits(),
     )
     await runner.setup()
     try:
@@ -99,3 +106,25 @@ async def start_tcp_listener(
         await runner.cleanup()
         raise
     return runner, port
+
+
+async def start_metrics_listener(
+    state: ServerState, address: str, *, limits: ConnectionLimits | None = None
+) -> GuardedRunner:
+    """Serve ``/metrics`` alone on ``address`` (``metrics.listen``), connection-guarded.
+
+    Only ``GET /metrics`` is routed; it needs no token (Prometheus scrapes it)
+    and tells no secret. The caller owns (and cleans up) the runner.
+    """
+    host, port = split_host_port(address)
+    app = web.Application(client_max_size=4096)
+    app[STATE] = state
+    app.router.add_get("/metrics", metrics)
+    runner = GuardedRunner(app, listener="metrics", limits=limits or ConnectionLimits())
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

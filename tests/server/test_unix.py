@@ -128,6 +128,9 @@ async def test_listing_and_status_show_only_what_the_caller_may_read(
         "path": str(world.audit_path),
         "records": 0,
         "failing": False,
+        "dropped": 0,
+        "aggregated": 0,
+        "coalesced": 0,
     }
 
 
