@@ -85,11 +85,14 @@ async def test_a_caller_that_execs_another_binary_is_checked_as_that_binary(
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert out.decode().split() == ["200", "403", "403"]
+    # Denials are aggregated: the second (same caller, exe, secret, reason) is a count.
+    await world.audit.aclose()
     allowed, kept, fresh = world.records()
     assert allowed["caller"]["exe"] == python and allowed["event"] == "read"
     assert kept["caller"]["pid"] == allowed["caller"]["pid"] == fresh["caller"]["pid"]
     assert kept["caller"]["exe"] == fresh["caller"]["exe"] == str(other)
     assert kept["event"] == fresh["event"] == "denied"
+    assert "count" not in kept and fresh["count"] == 1
 
 
 def test_decisions_are_remembered_per_policy_and_ignore_the_pid() -> None:
