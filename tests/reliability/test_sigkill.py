@@ -7,7 +7,7 @@ versions), every stage map must parse and name existing versions, a rendered
 file must hold exactly one written value (0 torn files), and every read that
 was answered must have answered a written value.
 
-Rounds: 3 per scenario in the reduced form, times the suite's scale.
+Rounds: 2 per scenario in the reduced form, times the suite's scale.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.render.conftest import tmpfs  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(900)
 SEED = int(os.environ.get("RELIABILITY_SEED") or time.time())
-ROUNDS = scaled(3)
+ROUNDS = scaled(2)
 
 
 def _spawn(env: AgentEnv, *args: str) -> subprocess.Popen[bytes]:
