@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,8 +25,9 @@ from agent.config import parse_config_text
 from agent.crypto import envelope
 from agent.errors import ConfigError, DecryptionError, MalformedStoreData
 from agent.stores.file import _parse_stages
-from tests.reliability.conftest import TALLY, scaled
+from tests.reliability.conftest import SCALE, TALLY, scaled
 
+pytestmark = pytest.mark.timeout(120 * SCALE)
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config" / "examples"
 EXAMPLES = sorted(p.read_bytes() for p in CONFIG_DIR.glob("*.yaml"))
 SETTINGS = settings(

@@ -143,7 +143,13 @@ async def test_etcd_hostile_records_are_domain_errors(etcd_server: object) -> No
     endpoint = getattr(etcd_server, "endpoint")  # noqa: B009 - the fixture's type is private
     store = EtcdStore(endpoint, prefix=f"/rel/{os.getpid()}", store_id="test")
     try:
-        vid = (await _writer(store).put("db", b"v1")).version_id
+        async with asyncio.timeout(30):  # etcd may just have been restarted by another test
+            while True:
+                try:
+                    vid = (await _writer(store).put("db", b"v1")).version_id
+                    break
+                except BackendUnavailable:
+                    await asyncio.sleep(0.2)
         await store._client.put(store._key("db", "stages"), NESTED)
         with pytest.raises(MalformedStoreData, match="nested"):
             await store.read_stages("db")
