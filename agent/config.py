@@ -44,18 +44,39 @@ from agent.errors import ConfigError
 
 # --------------------------------------------------------------------------- scalar types
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h|d)")
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 0.001,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+    "d": 86400.0,
+}
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``"500ms"``, ``"30s"``, ``"5m"``, ``"24h"``, ``"30d"`` or a number."""
+    """Seconds from a duration as Go, Vault and consul-template users write it.
+
+    ``"500ms"``, ``"90s"``, ``"1.5h"``, ``"2d"``, and compounds like ``"1h30m"``
+    or ``"1m30.5s"`` (parts add up, in any order); a bare number is seconds.
+    Hand-rolled: Go's ``time.ParseDuration`` grammar plus ``d`` is one regex,
+    and pydantic's duration type reads ISO 8601 (``PT1H30M``), not this.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)  # a bare number is seconds
-    if isinstance(value, str):
-        m = _DURATION_RE.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
+    if isinstance(value, str) and value.strip():
+        total, pos, text = 0.0, 0, value.strip()
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        else:
+            if pos == len(text):
+                return total
     raise ValueError(
         f'expected a duration like "500ms", "30s", "5m", "24h" or "30d", got {value!r}'
     )
@@ -155,6 +176,15 @@ class TcpListenConfig(_Model):
     tokens: dict[str, SecretRef] = Field(default_factory=dict)
     max_connections: PositiveInt = 800
     aws_path_prefix: str = "/v1/"
+    #: Request headers that may carry the token (the AWS agent's ``ssrf_headers``).
+    token_headers: list[str] = Field(
+        default_factory=lambda: [
+            "X-Secrets-Agent-Token",
+            "X-Aws-Parameters-Secrets-Token",
+            "X-Vault-Token",
+        ],
+        min_length=1,
+    )
 
     @field_validator("address")
     @classmethod
@@ -431,7 +461,7 @@ class TemplateConfig(_Model):
     secret: SecretSelector | None = None
     secrets: list[SecretSelector] | None = None
     key: str | None = None
-    format: Literal["raw", "json", "dotenv", "yaml", "files", "template"] = "raw"
+    format: Literal["raw", "json", "dotenv", "shell", "yaml", "files", "template"] = "raw"
     template: str | None = None
     template_file: ConfigPath | None = None
     mode: Mode = Field(default=0o400, validate_default=False)
@@ -603,9 +633,13 @@ class AgentConfig(_Model):
 
     @field_validator("keys")
     @classmethod
-    def _some_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if not v:
-            raise ValueError("at least one key provider is needed")
+    def _some_keys(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # A plaintext store (aws-secretsmanager, client_side_encryption: false) uses none.
+        if not v and not (info.context or {}).get("plaintext_store"):
+            raise ValueError(
+                "at least one key provider is needed (none only with a store that "
+                "has client_side_encryption: false)"
+            )
         for name in v:
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
                 raise ValueError(f"key provider name {name!r}: use 1-64 of A-Za-z0-9_.-")
@@ -672,37 +706,65 @@ def _yaml_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _describe(err: Mapping[str, Any]) -> str:
+def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
+    """The YAML path of one validation error, and its message."""
     path = _yaml_path(tuple(err["loc"]))
     kind = err["type"]
     if kind in _MESSAGES:
-        return f"{path}: {_MESSAGES[kind]}"
+        return path, _MESSAGES[kind]
     msg = str(err["msg"]).removeprefix("Value error, ")
     shows_input = kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid")
     if shows_input and not (_SENSITIVE & {str(p) for p in err["loc"]}):
         value = err.get("input")
         if isinstance(value, (str, int, float, bool)) or value is None:
             msg += f", got {value!r}"
-    return f"{path}: {msg}"
+    return path, msg
+
+
+def _plaintext_store(store: object) -> bool:
+    """Whether the raw ``store`` section is one that holds plaintext (needs no keys)."""
+    return (
+        isinstance(store, dict)
+        and store.get("type") == "aws-secretsmanager"
+        and store.get("client_side_encryption") is False
+    )
+
+
+def _where(path: str, source: Path | None, lines: Mapping[str, int]) -> str:
+    """``FILE:LINE: `` for a YAML path (its nearest ancestor's line if it is not in the file)."""
+    if source is None:
+        return ""
+    probe = path
+    while probe and probe not in lines:
+        cut = max(probe.rfind("."), probe.rfind("["))
+        probe = probe[:cut] if cut > 0 else ""
+    return f"{source}:{lines[probe]}: " if probe else f"{source}: "
 
 
 def parse_config(
-    data: object, *, base_dir: Path | None = None, source: Path | None = None
+    data: object,
+    *,
+    base_dir: Path | None = None,
+    source: Path | None = None,
+    lines: Mapping[str, int] | None = None,
 ) -> AgentConfig:
     """Validate a config mapping.
 
     Raises:
-        ConfigError: every problem, one per line, each naming its YAML path.
+        ConfigError: every problem, one per line, each naming its YAML path
+            (and, with ``source``, the file and the line from ``lines``).
     """
+    lines = lines or {}
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a YAML mapping", path="(top level)")
+        where = _where("", source, lines)
+        raise ConfigError(f"{where}(top level): the config must be a YAML mapping")
     base = (base_dir or Path.cwd()).resolve()
     doc = dict(data)
     for reserved in ("base_dir", "source"):
         if reserved in doc:
-            raise ConfigError("unknown field", path=reserved)
+            raise ConfigError(f"{_where(reserved, source, lines)}{reserved}: unknown field")
     doc["base_dir"] = base
     # Sections whose defaults hold relative paths are filled in here, so they
     # are validated (and resolved against the config directory) like any input.
@@ -710,34 +772,64 @@ def parse_config(
     doc.setdefault("store", {"type": "file"})
     doc["source"] = source
     try:
-        return AgentConfig.model_validate(doc, context={"base_dir": base})
+        context = {"base_dir": base, "plaintext_store": _plaintext_store(doc.get("store"))}
+        return AgentConfig.model_validate(doc, context=context)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        problems = []
+        for e in exc.errors():
+            yaml_path, message = _describe(e)
+            problems.append(f"{_where(yaml_path, source, lines)}{yaml_path}: {message}")
+        raise ConfigError("\n".join(problems)) from None
 
 
-def load_config(path: Path) -> AgentConfig:
-    """Read and validate the YAML config at ``path``.
+def _node_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
+    """The line of every YAML path under ``node``; a duplicate mapping key is an error.
 
-    Raises:
-        ConfigError: unreadable file, bad YAML, or invalid content.
+    PyYAML's safe loader lets the last of two equal keys win silently; a config
+    with two ``metrics:`` blocks is almost always a paste error, so it is refused.
     """
+    lines: dict[str, int] = {}
+    stack: list[tuple[yaml.Node, str]] = [(node, "")] if node is not None else []
+    while stack:
+        current, where = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, value_node in current.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                line = key_node.start_mark.line + 1
+                sub = f"{where}.{key}" if where else str(key)
+                if key is not None and key != "<<" and key in seen:
+                    raise ConfigError(
+                        f"{path}:{line}: {sub}: duplicate key {key!r} "
+                        f"(first at line {seen[key]}); remove one"
+                    )
+                seen[key] = line
+                lines.setdefault(sub, line)
+                stack.append((value_node, sub))
+        elif isinstance(current, yaml.SequenceNode):
+            for i, item in enumerate(current.value):
+                sub = f"{where}[{i}]"
+                lines.setdefault(sub, item.start_mark.line + 1)
+                stack.append((item, sub))
+    return lines
+
+
+def _read_config_bytes(path: Path) -> bytes:
     try:
-        raw = read_capped(path, limit=MAX_CONFIG_SIZE)
+        return read_capped(path, limit=MAX_CONFIG_SIZE)
     except TooLarge as exc:
         raise ConfigError(f"config {str(path)!r} is too large: {exc}") from None
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"cannot read config {str(path)!r}: {reason}") from None
-    return parse_config_text(raw, path=path)
 
 
-def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
-    """Decode, parse and validate the bytes of a config file (any failure: ConfigError).
+def parse_yaml_text(raw: bytes, *, path: Path) -> tuple[object, dict[str, int]]:
+    """Decode and parse a config file's bytes strictly: the data, and each YAML path's line.
 
     Raises:
         ConfigError: naming ``path`` and the reason: not UTF-8 (with the line),
-            invalid or too deeply nested YAML, or invalid content.
+            invalid or too deeply nested YAML, or a duplicate key (with its line).
     """
     try:
         text = raw.decode("utf-8")
@@ -747,12 +839,13 @@ def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
             "save the file as UTF-8"
         ) from None
+    if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
+        raise ConfigError(f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused")
+    loader = yaml.SafeLoader(text)
     try:
-        if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
-            raise ConfigError(
-                f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused"
-            )
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        lines = _node_lines(node, path)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -761,8 +854,36 @@ def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
         # The YAML library's own limits (e.g. a huge number, deep aliases).
         raise ConfigError(f"{path}: YAML could not be read ({type(exc).__name__})") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def load_yaml(path: Path) -> tuple[object, dict[str, int]]:
+    """Read a config file's YAML strictly (see :func:`parse_yaml_text`), without validating it."""
+    return parse_yaml_text(_read_config_bytes(path), path=path)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the YAML config at ``path``.
+
+    Raises:
+        ConfigError: unreadable or too large file, bad YAML, a duplicate key, or
+            invalid content; each problem names the file, its line and YAML path.
+    """
+    return parse_config_text(_read_config_bytes(path), path=path)
+
+
+def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
+    """Decode, parse and validate the bytes of a config file (any failure: ConfigError).
+
+    Raises:
+        ConfigError: naming ``path`` and the reason (see :func:`parse_yaml_text`),
+            or invalid content (with the file, line and YAML path).
+    """
+    data, lines = parse_yaml_text(raw, path=path)
     try:
-        return parse_config(data, base_dir=path.parent, source=path)
+        return parse_config(data, base_dir=path.parent, source=path, lines=lines)
     except ConfigError:
         raise
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:

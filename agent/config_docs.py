@@ -57,10 +57,13 @@ DESCRIPTIONS = {
     "request but `/healthz` and `/ping` needs one.",
     "listen.tcp.max_connections": "Requests in flight on TCP; beyond it, 429.",
     "listen.tcp.aws_path_prefix": "Prefix of the AWS-agent path style `GET /v1/<name>`.",
+    "listen.tcp.token_headers": "Request headers that may carry the token (the AWS agent's "
+    "`ssrf_headers`; its defaults are the last two).",
     "metrics": "The Prometheus endpoint.",
     "metrics.listen": "TCP address serving `/metrics` only; `null` to serve metrics on the "
     "socket alone.",
-    "keys": "Named key providers (master keys). See [keys.md](keys.md).",
+    "keys": "Named key providers (master keys). See [keys.md](keys.md). `{}` (none) only "
+    "with a plaintext store (`aws-secretsmanager`, `client_side_encryption: false`).",
     "keys.<name>.type": "`local`, `pkcs11` or `aws-kms`.",
     "keys.<name>.keyring": "The keyring file; must be mode 0600.",
     "keys.<name>.passphrase": "Seals the keyring with scrypt + AES-GCM.",

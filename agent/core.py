@@ -34,7 +34,10 @@ class Core:
             for name, cfg in config.keys.items()
         }
         datakeys = DataKeys(
-            providers, write_keys=config.write_keys, settings=config.datakeys, metrics=metrics
+            providers,
+            write_keys=config.write_keys if providers else (),
+            settings=config.datakeys,
+            metrics=metrics,
         )
         store = create_store(config, metrics=metrics)
         resolver = Resolver(store, datakeys, metrics=metrics)

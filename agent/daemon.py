@@ -30,6 +30,7 @@ from agent.rotation.engine import RotationEngine
 from agent.rotation.scheduler import RotationScheduler
 from agent.server.access import AccessPolicy
 from agent.server.app import ServerState, build_app
+from agent.server.arn import ArnSource
 from agent.server.connections import GuardedRunner, listener_limits
 from agent.server.tcp import start_metrics_listener, start_tcp_listener
 from agent.sockets import bind_unix_site, quiet_accept_errors
@@ -66,6 +67,7 @@ class Daemon:
             max_connections=config.listen.max_connections,
             audit=self.audit,
             region=getattr(config.store, "region", None) or "local",
+            arns=self.core.store if isinstance(self.core.store, ArnSource) else None,
         )
         self.state.status_providers.append(lambda: {"audit": self.audit.status()})
         self.state.status_providers.append(self._key_status)
@@ -121,6 +123,8 @@ class Daemon:
         self.state.status_providers.append(self._connection_status)
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = [self.rotation.reconfigure]
+        #: How a reload reads the config file (``run --aws-agent-config`` replaces it).
+        self.loader: Callable[[Path], AgentConfig] = load_config
 
     async def _rotated(self, name: str) -> None:
         """Serve a rotation made here at once, without waiting for a watch or poll."""
@@ -256,7 +260,7 @@ class Daemon:
         # Called from a signal handler and the config watch: it must never raise.
         try:
             self.audit.reopen()
-            new = load_config(Path(source))
+            new = self.loader(Path(source))
         except ConfigError as exc:
             self._reject(exc.message)
             return

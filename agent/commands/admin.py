@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,16 +100,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.hardening import harden_process
     from agent.logsetup import setup_logging
 
-    config = load(args)
+    loader = None
+    if args.aws_agent_config:
+        loader = _aws_agent_loader(args)
+        config = loader(None)
+    else:
+        config = load(args)
     setup_logging(config.log)
     harden_process()
 
     async def main() -> None:
-        await Daemon(config).run()
+        daemon = Daemon(config)
+        if loader is not None:
+            daemon.loader = loader  # reloads lay the TOML over the YAML again
+        await daemon.run()
 
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         runner.run(main())
     return EXIT_OK
+
+
+def _aws_agent_loader(args: argparse.Namespace) -> Callable[[Path | None], AgentConfig]:
+    """Load ``--aws-agent-config`` over the YAML config, if one is given or exists."""
+    from agent.awsagent import load_with_aws_agent_config
+
+    toml_path = Path(args.aws_agent_config)
+    yaml_path: Path | None = config_path(args)
+    explicit = bool(getattr(args, "config", None) or os.environ.get("SECRETS_AGENT_CONFIG"))
+    if yaml_path is not None and not yaml_path.exists():
+        if explicit:
+            raise ConfigError(f"no config at {yaml_path}")
+        yaml_path = None  # the AWS agent's own setup: AWS Secrets Manager, plain values
+    reported: set[str] = set()
+
+    def report(line: str) -> None:
+        if line not in reported:  # once per run, not on every reload
+            reported.add(line)
+            err(f"warning: {line}")
+
+    def loader(_source: Path | None) -> AgentConfig:
+        return load_with_aws_agent_config(yaml_path, toml_path, report=report)
+
+    return loader
 
 
 def _client(args: argparse.Namespace) -> SecretsClient:
@@ -282,6 +315,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("run", help="run the agent")
+    p.add_argument(
+        "--aws-agent-config",
+        metavar="FILE",
+        help="the AWS Secrets Manager Agent's TOML config, mapped onto ours (docs/aws.md)",
+    )
     p.set_defaults(func=cmd_run)
 
     for name, func, text in (

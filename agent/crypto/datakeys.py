@@ -82,7 +82,9 @@ class DataKeys:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         unknown = [name for name in write_keys if name not in providers]
-        if unknown or not write_keys:
+        # No providers at all is a plaintext store (client_side_encryption: false):
+        # nothing is ever wrapped, and for_write says so.
+        if providers and (unknown or not write_keys):
             raise ValueError(f"write_keys must name configured key providers, got {unknown}")
         self._providers = dict(providers)
         self._write_keys = tuple(write_keys)
@@ -105,6 +107,8 @@ class DataKeys:
             KeyUnavailable, KeyRevoked, DecryptionError: a write provider failed
                 to wrap a new DEK (nothing is kept; the next call tries again).
         """
+        if not self._write_keys:
+            raise KeyUnavailable("no key provider is configured (keys: {}): nothing can be written")
         lock = self._write_locks.setdefault(store_id, asyncio.Lock())
         async with lock:  # concurrent writers share one generation
             current = self._writing.get(store_id)

@@ -6,11 +6,11 @@
   same prefix (``/v1/secrets``, ``/v1/secrets/...``, ``/v1/status``,
   ``/v1/openapi.yaml``) take precedence; read such names with the query style.
 * ``GET /ping`` answers ``healthy`` (no token needed).
-* The answer is the GetSecretValue JSON: ``ARN`` (synthesised:
-  ``arn:aws:secretsmanager:<region>:000000000000:secret:<name>``), ``Name``,
-  ``VersionId``, ``SecretString`` or base64 ``SecretBinary``,
+* The answer is the GetSecretValue JSON: ``ARN`` (the store's real one on
+  AWS Secrets Manager, else a stable synthetic one: see :mod:`agent.server.arn`),
+  ``Name``, ``VersionId``, ``SecretString`` or base64 ``SecretBinary``,
   ``VersionStages`` (``AWSCURRENT``-style), ``CreatedDate`` (epoch seconds).
-* ``secretId`` may be a name or such an ARN.
+* ``secretId`` may be a name, a full ARN or a partial ARN, on both routes.
 * Errors are ``{"__type", "message"}``; an unknown or repeated parameter, a
   missing ``secretId`` or a bad ``refreshNow`` is 400
   ``InvalidParameterException`` (with the AWS agent's messages), a missing
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from functools import partial
 from typing import Any
 
 from aiohttp import web
 
+from agent.cache import Lookup
 from agent.errors import SecretNotFound, VersionNotFound
+from agent.server.arn import arn_for, candidates
 from agent.server.errors import AWS_NOT_FOUND_STATUS, AWS_ROUTE_PREFIX, ApiError
 from agent.server.reads import StageMismatch, read_secret
 from agent.server.state import STATE
@@ -38,8 +39,6 @@ from agent.types import AWS_STAGE_NAMES, Secret, normalize_stage
 
 _QUERY = ("secretId", "versionId", "versionStage", "refreshNow")
 _PATH_QUERY = ("versionId", "versionStage", "refreshNow")
-_ARN_RE = re.compile(r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]*:[0-9]*:secret:(.+)")
-ACCOUNT = "000000000000"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -78,21 +77,10 @@ def _refresh_now(value: str | None) -> bool:
     raise invalid_parameter("invalid refreshNow value")
 
 
-def name_of(secret_id: str) -> str:
-    """The secret name in a ``secretId``: the name itself, or the name inside an ARN."""
-    m = _ARN_RE.fullmatch(secret_id)
-    return m.group(1) if m else secret_id
-
-
-def arn_of(name: str, *, region: str) -> str:
-    """The ARN the AWS routes give ``name``."""
-    return f"arn:aws:secretsmanager:{region}:{ACCOUNT}:secret:{name}"
-
-
-def get_secret_value_document(secret: Secret, *, region: str) -> dict[str, Any]:
+def get_secret_value_document(secret: Secret, *, arn: str) -> dict[str, Any]:
     """The GetSecretValue JSON of one version."""
     doc: dict[str, Any] = {
-        "ARN": arn_of(secret.name, region=region),
+        "ARN": arn,
         "Name": secret.name,
         "VersionId": secret.version_id,
     }
@@ -105,15 +93,34 @@ def get_secret_value_document(secret: Secret, *, region: str) -> dict[str, Any]:
     return doc
 
 
+async def _resolve(request: web.Request, secret_id: str, **read: Any) -> tuple[Lookup, str]:
+    """Read the secret ``secret_id`` names (a name, full or partial ARN); return it and its ARN.
+
+    Raises:
+        SecretNotFound: no reading of ``secret_id`` names a secret (with that ARN).
+    """
+    state = request.app[STATE]
+    for candidate in candidates(secret_id, state.arns):
+        try:
+            lookup = await read_secret(request, candidate.name, **read)
+        except SecretNotFound:
+            continue
+        arn, real = arn_for(candidate.name, region=state.region, arns=state.arns)
+        if candidate.accepts(arn, real=real):
+            return lookup, arn
+    raise SecretNotFound(f"no secret matches {secret_id!r}")
+
+
 async def _get_secret_value(
     request: web.Request, secret_id: str, params: dict[str, str]
 ) -> web.Response:
-    name = name_of(secret_id)
     stage = params.get("versionStage")
     version = params.get("versionId")
     refresh = _refresh_now(params.get("refreshNow"))
     try:
-        lookup = await read_secret(request, name, stage=stage, version=version, refresh=refresh)
+        lookup, arn = await _resolve(
+            request, secret_id, stage=stage, version=version, refresh=refresh
+        )
     except SecretNotFound as exc:
         raise _not_found("Secrets Manager can't find the specified secret.", exc.code) from None
     except VersionNotFound as exc:
@@ -131,15 +138,14 @@ async def _get_secret_value(
             code=exc.code,
             aws_type="InvalidRequestException",
         ) from None
-    region = request.app[STATE].region
-    body = lookup.secret.body(f"aws:{region}", partial(_aws_body, region=region))
+    body = lookup.secret.body(f"aws:{arn}", partial(_aws_body, arn=arn))
     return web.Response(
         body=body, content_type="application/json", charset="utf-8", headers=_NO_STORE
     )
 
 
-def _aws_body(secret: Secret, *, region: str) -> bytes:
-    return json.dumps(get_secret_value_document(secret, region=region)).encode()
+def _aws_body(secret: Secret, *, arn: str) -> bytes:
+    return json.dumps(get_secret_value_document(secret, arn=arn)).encode()
 
 
 async def get_secret_value(request: web.Request) -> web.StreamResponse:

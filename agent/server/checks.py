@@ -33,8 +33,9 @@ Check = Callable[[web.Request], None]
 
 #: Paths answered without a token (and without the forwarding check), as the AWS agent does.
 OPEN_PATHS = frozenset({"/healthz", "/ping"})
-#: The headers that carry a token. The second is the AWS agent's and Lambda extension's.
-TOKEN_HEADERS = ("X-Secrets-Agent-Token", "X-Aws-Parameters-Secrets-Token")
+#: The headers that carry a token by default (``listen.tcp.token_headers``): ours, then
+#: the two the AWS agent checks by default (its ``ssrf_headers``).
+TOKEN_HEADERS = ("X-Secrets-Agent-Token", "X-Aws-Parameters-Secrets-Token", "X-Vault-Token")
 FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded")
 #: Health checks may exceed the limit by this much, so probes still answer under load.
 HEALTH_HEADROOM = 2
@@ -125,7 +126,10 @@ class TokenAuth:
     one matched.
     """
 
-    def __init__(self, tokens: Mapping[str, bytes]) -> None:
+    def __init__(
+        self, tokens: Mapping[str, bytes], *, headers: Sequence[str] = TOKEN_HEADERS
+    ) -> None:
+        self.headers = tuple(headers)
         digests: list[tuple[str, bytes]] = []
         seen: dict[bytes, str] = {}
         for name, value in tokens.items():
@@ -150,7 +154,8 @@ class TokenAuth:
                 names the reference, never the token).
         """
         return cls(
-            {name: read_secret_ref(ref, base_dir=base_dir) for name, ref in tcp.tokens.items()}
+            {name: read_secret_ref(ref, base_dir=base_dir) for name, ref in tcp.tokens.items()},
+            headers=tcp.token_headers,
         )
 
     def identify(self, presented: bytes) -> str | None:
@@ -168,14 +173,13 @@ class TokenAuth:
             return
         names = {
             self.identify(value.encode("utf-8", "surrogateescape"))
-            for header in TOKEN_HEADERS
+            for header in self.headers
             for value in request.headers.getall(header, [])
         }
         if len(names) != 1 or None in names:
             _refuse(request, "missing, unknown or conflicting token")
             raise ApiError(
-                "Bad Token: send a valid X-Secrets-Agent-Token "
-                "(or X-Aws-Parameters-Secrets-Token) header",
+                f"Bad Token: send a valid token in one of {', '.join(self.headers)}",
                 status=403,
                 code="bad_token",
                 aws_type="AccessDeniedException",

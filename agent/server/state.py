@@ -13,6 +13,7 @@ from agent.audit import Auditor, NullAudit
 from agent.cache import SecretCache
 from agent.metrics import Metrics
 from agent.server.access import AccessPolicy
+from agent.server.arn import ArnSource
 from agent.server.peer import Caller, PeerIdentities
 
 #: Read of the fields a status provider contributes to ``/v1/status``.
@@ -24,7 +25,8 @@ class ServerState:
     """What handlers need; built once by the daemon and shared by every listener.
 
     ``policy`` is replaced on reload; ``audit`` receives one record per read
-    decision. ``region`` goes into the ARNs of the AWS-compatible routes.
+    decision. ``region`` goes into the synthetic ARNs of the AWS-compatible
+    routes; ``arns`` is the store, when it knows its secrets' real ARNs.
     """
 
     cache: SecretCache
@@ -36,6 +38,7 @@ class ServerState:
     audit: Auditor = field(default_factory=NullAudit)
     region: str = "local"
     peers: PeerIdentities = field(default_factory=PeerIdentities)
+    arns: ArnSource | None = None
 
 
 STATE = web.AppKey("state", ServerState)

@@ -98,6 +98,8 @@ class SecretsManagerStore:
         self.name_prefix = name_prefix
         self.plaintext = not client_side_encryption
         self.metrics = metrics
+        #: Real ARNs by name, as DescribeSecret and GetSecretValue give them.
+        self._arns: dict[str, str] = {}
         self._aws = AwsClient(
             "secretsmanager", region=region, endpoint_url=endpoint_url, timeout=timeout
         )
@@ -119,6 +121,21 @@ class SecretsManagerStore:
 
     def _aws_name(self, name: str) -> str:
         return self.name_prefix + validate_name(name)
+
+    def known_arn(self, name: str) -> str | None:
+        """The real ARN of ``name`` once a read has seen it (for the AWS-compatible routes)."""
+        return self._arns.get(name)
+
+    def name_for(self, aws_name: str) -> str | None:
+        """Our name for an AWS secret name, or None if it is outside ``name_prefix``."""
+        if not aws_name.startswith(self.name_prefix) or aws_name == self.name_prefix:
+            return None
+        return aws_name[len(self.name_prefix) :]
+
+    def _saw(self, name: str, doc: Mapping[str, Any]) -> None:
+        arn = doc.get("ARN")
+        if isinstance(arn, str):
+            self._arns[name] = arn
 
     async def _call(self, operation: str, method: str, **kw: Any) -> Any:
         client = await self._aws.get()
@@ -178,11 +195,17 @@ class SecretsManagerStore:
                 return sorted(names)
 
     async def _describe(self, name: str) -> dict[str, Any]:
-        doc: dict[str, Any] = await self._call(
-            "read_stages", "describe_secret", SecretId=self._aws_name(name)
-        )
+        try:
+            doc: dict[str, Any] = await self._call(
+                "read_stages", "describe_secret", SecretId=self._aws_name(name)
+            )
+        except SecretNotFound:
+            self._arns.pop(name, None)
+            raise
         if doc.get("DeletedDate"):
+            self._arns.pop(name, None)
             raise SecretNotFound(f"secret {name!r} does not exist")
+        self._saw(name, doc)
         return doc
 
     @staticmethod
@@ -219,6 +242,7 @@ class SecretsManagerStore:
             ):
                 raise VersionNotFound(f"secret {name!r} has no version {version_id!r}") from None
             raise
+        self._saw(name, doc)
         if "SecretBinary" in doc:
             value = bytes(doc["SecretBinary"])
             if self.plaintext:

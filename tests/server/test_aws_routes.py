@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent.server.arn import synthetic_suffix as suffix
 from tests.server.conftest import Served, ServeTcp, ServeUnix, World
 
 NO_VALUE = "Secrets Manager can't find the specified secret value"
@@ -31,7 +32,10 @@ async def test_get_secret_value_has_the_aws_shape(world: World, api: Served) -> 
     assert answer.status == 200
     doc = answer.json()
     assert list(doc) == ["ARN", "Name", "VersionId", "SecretString", "VersionStages", "CreatedDate"]
-    assert doc["ARN"] == "arn:aws:secretsmanager:local:000000000000:secret:app/db"
+    # Synthetic, stable, shaped like AWS's: the name, "-" and six characters.
+    assert (
+        doc["ARN"] == f"arn:aws:secretsmanager:local:000000000000:secret:app/db-{suffix('app/db')}"
+    )
     assert doc["Name"] == "app/db"
     assert doc["VersionId"] == version
     assert doc["SecretString"] == '{"password": "pw"}'
