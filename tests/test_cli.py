@@ -153,3 +153,34 @@ def test_readable_keyring_is_refused(env: AgentEnv) -> None:
     os.chmod(env.dir / "keyring.json", 0o644)
     code, _, err = env.cli("get", "k")
     assert code != 0 and "chmod 600" in err
+
+
+def test_a_second_import_of_the_same_file_leaves_unchanged_values_alone(
+    env: AgentEnv, tmp_path: Path
+) -> None:
+    """No new version for an unchanged value: PREVIOUS keeps the real previous value."""
+    env.put("imp/a", "old-a")
+    (tmp_path / "s.json").write_text(json.dumps({"imp/a": "new-a", "imp/b": "b"}))
+    code, _, err = env.cli("import", str(tmp_path / "s.json"))
+    assert code == 0 and "2 written, 0 unchanged" in err, err
+    before = json.loads(env.cli("describe", "imp/a", "--json")[1])
+    code, _, err = env.cli("import", str(tmp_path / "s.json"))
+    assert code == 0 and "0 written, 2 unchanged" in err, err
+    after = json.loads(env.cli("describe", "imp/a", "--json")[1])
+    assert after == before and len(after["versions"]) == 2
+    assert env.cli("get", "imp/a", "--stage", "PREVIOUS")[1] == "old-a"
+    (tmp_path / "s.json").write_text(json.dumps({"imp/a": "newer-a", "imp/b": "b"}))
+    code, _, err = env.cli("import", str(tmp_path / "s.json"))
+    assert code == 0 and "1 written, 1 unchanged" in err, err
+    assert env.cli("get", "imp/a", "--stage", "PREVIOUS")[1] == "new-a"
+
+
+def test_import_progress_off_a_terminal_has_a_rate_and_one_line_per_update(
+    env: AgentEnv, tmp_path: Path
+) -> None:
+    (tmp_path / "s.json").write_text(json.dumps({f"p/s{i}": str(i) for i in range(30)}))
+    code, _, err = env.cli("import", str(tmp_path / "s.json"))
+    assert code == 0
+    assert "\r" not in err
+    last = [line for line in err.splitlines() if "30/30" in line][-1]
+    assert last.startswith("import: 100%") and "secret/s" in last, err

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from agent.config import AgentConfig, default_config_path, load_config
 from agent.core import Core
@@ -70,24 +70,53 @@ def err(message: str) -> None:
     print(f"secrets-agent: {message}", file=sys.stderr)
 
 
+class _Lines:
+    """A text stream that turns tqdm's carriage-return redraws into one line each.
+
+    Off a terminal (a CI log, ``2> file``) a redrawn bar would be one long
+    line of ``\r``-separated states; each state on its own line reads well.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.strip("\r\n")
+        if line.strip():
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class Progress:
-    """A one-line progress bar on stderr (only redrawn on a terminal)."""
+    """Progress of a bulk command on stderr, with rate and ETA (tqdm).
+
+    On a terminal the bar redraws in place; elsewhere a line is written at
+    most every 5 seconds, and at the end.
+    """
 
     def __init__(self, total: int, label: str) -> None:
-        self.total = total
-        self.label = label
+        from tqdm import tqdm
+
+        tty = sys.stderr.isatty()
         self.done = 0
-        self.tty = sys.stderr.isatty()
+        self._bar = tqdm(
+            total=total,
+            desc=label,
+            unit="secret",
+            file=sys.stderr if tty else _Lines(sys.stderr),
+            mininterval=0.1 if tty else 5.0,
+            dynamic_ncols=tty,
+            ncols=None if tty else 100,
+            ascii=not tty,
+            leave=True,
+        )
 
     def step(self, n: int = 1) -> None:
         self.done += n
-        if self.tty and (self.done == self.total or self.done % 25 == 0):
-            width = 30
-            filled = width * self.done // max(1, self.total)
-            bar = "#" * filled + "-" * (width - filled)
-            print(f"\r{self.label} [{bar}] {self.done}/{self.total}", end="", file=sys.stderr)
+        self._bar.update(n)
 
     def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-        print(f"{self.label}: {self.done}/{self.total} done", file=sys.stderr)
+        self._bar.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,14 @@ import yaml
 from agent.commands.common import EXIT_OK, Progress, err, load, run_async, with_core
 from agent.core import Core
 from agent.errors import BadRequest, SecretNotFound
-from agent.types import CURRENT, ValueType, normalize_stage, stages_of, validate_name
+from agent.types import (
+    CURRENT,
+    SecretValue,
+    ValueType,
+    normalize_stage,
+    stages_of,
+    validate_name,
+)
 
 _IMPORT_CONCURRENCY = 16
 
@@ -56,6 +64,27 @@ def cmd_put(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_dotenv(path: Path, text: str) -> dict[str, str]:
+    """A dotenv file read as python-dotenv reads it (quotes, escapes, ``${VAR}``, comments).
+
+    Its own parser is used: a hand-rolled one kept inline comments and did not
+    unescape, so importing the agent's own dotenv output changed the values.
+    A statement it cannot parse, or a name without ``=``, is an error naming
+    the line (python-dotenv would only log a warning and skip it).
+    """
+    from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
+
+    for binding in parse_stream(io.StringIO(text)):
+        line = binding.original.line
+        if binding.error:
+            raise BadRequest(f"{path}:{line}: not a dotenv statement; expected NAME=VALUE")
+        if binding.key is not None and binding.value is None:
+            raise BadRequest(f"{path}:{line}: {binding.key} has no '='; expected NAME=VALUE")
+    values = dotenv_values(stream=io.StringIO(text))
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def parse_import_file(path: Path, fmt: str | None) -> dict[str, bytes]:
     """Secrets from a JSON/YAML mapping or a dotenv file, as name -> bytes."""
     text = path.read_text(encoding="utf-8")
@@ -64,18 +93,7 @@ def parse_import_file(path: Path, fmt: str | None) -> dict[str, bytes]:
     )
     doc: Any
     if fmt == "dotenv":
-        doc = {}
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, sep, value = line.removeprefix("export ").partition("=")
-            if not sep:
-                raise BadRequest(f"{path}:{lineno}: expected NAME=VALUE")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            doc[key.strip()] = value
+        doc = _parse_dotenv(path, text)
     else:
         try:
             doc = json.loads(text) if fmt == "json" else yaml.safe_load(text)
@@ -90,11 +108,30 @@ def parse_import_file(path: Path, fmt: str | None) -> dict[str, bytes]:
     return out
 
 
+async def unchanged(core: Core, name: str, value: bytes) -> bool:
+    """Whether ``name``'s CURRENT value is already ``value`` (a text value; constant time).
+
+    Writing it again would make a new version of the same value and push the
+    real previous value out of PREVIOUS.
+    """
+    try:
+        state = await core.store.read_stages(name)
+    except SecretNotFound:
+        return False
+    version = state.stages.get(CURRENT)
+    if version is None:
+        return False
+    current = await core.resolver.fetch(name, version)
+    same: bool = current.value == SecretValue(value)
+    return same and current.value_type == "string"
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     config = load(args)
     secrets = parse_import_file(Path(args.path), args.format)
     prefix = args.prefix or ""
     progress = Progress(len(secrets), "import")
+    kept: list[str] = []
 
     async def go(core: Core) -> None:
         writer = core.writer()
@@ -102,17 +139,22 @@ def cmd_import(args: argparse.Namespace) -> int:
 
         async def one(name: str, value: bytes) -> None:
             async with sem:
-                await writer.put(prefix + name, value)
+                if await unchanged(core, name, value):
+                    kept.append(name)
+                else:
+                    await writer.put(name, value)
                 progress.step()
 
         async with asyncio.TaskGroup() as tg:
             for name, value in secrets.items():
-                tg.create_task(one(name, value))
+                tg.create_task(one(prefix + name, value))
 
     try:
         run_async(with_core(config, go))
     finally:
         progress.close()
+    written = progress.done - len(kept)
+    print(f"import: {written} written, {len(kept)} unchanged (no new version)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -10,7 +10,7 @@ import base64
 import json
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import yaml
@@ -69,18 +69,25 @@ def _scalar_text(value: Any) -> str:
 
 
 def env_quote(value: Any) -> str:
-    """A dotenv-safe double-quoted value (backslash, quote, $, backtick, newline escaped)."""
+    """A double-quoted value that python-dotenv reads back exactly (interpolation on, its default).
+
+    Inside double quotes python-dotenv decodes ``\\``, ``\"``, ``\n`` and
+    ``\r``; everything else is literal, so only those are escaped. It has no
+    escape for ``$``, and by default expands ``${NAME}`` in every value: each
+    ``${`` is written ``${:-$}{``, which it expands to ``${`` (an empty name is
+    never set, so the default ``$`` is used). A reader with interpolation off
+    keeps ``${:-$}`` literally: see docs/rendering.md for which reader is which.
+    """
     text = _scalar_text(value)
-    for a, b in (
-        ("\\", "\\\\"),
-        ('"', '\\"'),
-        ("$", "\\$"),
-        ("`", "\\`"),
-        ("\n", "\\n"),
-        ("\r", "\\r"),
-    ):
+    for a, b in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r")):
         text = text.replace(a, b)
-    return f'"{text}"'
+    return '"' + text.replace("${", "${:-$}{") + '"'
+
+
+def shell_quote(value: Any) -> str:
+    """A POSIX-shell single-quoted word: exact under ``. file`` in sh, bash, dash and zsh."""
+    text = _scalar_text(value)
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def render_raw(secret: Secret, key: str | None) -> bytes:
@@ -99,15 +106,30 @@ def render_json(secret: Secret, key: str | None) -> bytes:
     return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def render_dotenv(secret: Secret) -> bytes:
+def _assignments(secret: Secret, fmt: str, quote: Callable[[Any], str]) -> bytes:
     lines = []
-    for name, value in _object(secret, "dotenv").items():
+    for name, value in _object(secret, fmt).items():
         if not _ENV_NAME.fullmatch(name):
             raise RenderError(
                 f"secret {secret.name!r}: key {name!r} is not a valid environment variable name"
             )
-        lines.append(f"{name}={env_quote(value)}\n")
+        if "\x00" in _scalar_text(value):
+            raise RenderError(
+                f"secret {secret.name!r}: key {name!r} holds a NUL character, which no "
+                "environment variable can"
+            )
+        lines.append(f"{name}={quote(value)}\n")
     return "".join(lines).encode()
+
+
+def render_dotenv(secret: Secret) -> bytes:
+    """``KEY="value"`` lines, as python-dotenv reads them (see :func:`env_quote`)."""
+    return _assignments(secret, "dotenv", env_quote)
+
+
+def render_shell(secret: Secret) -> bytes:
+    """``KEY='value'`` lines, for ``set -a; . file`` in a POSIX shell."""
+    return _assignments(secret, "shell", shell_quote)
 
 
 def render_yaml(secret: Secret) -> bytes:
@@ -213,6 +235,8 @@ def render(
         return render_json(secret, cfg.key)
     if cfg.format == "dotenv":
         return render_dotenv(secret)
+    if cfg.format == "shell":
+        return render_shell(secret)
     if cfg.format == "yaml":
         return render_yaml(secret)
     return render_files(secret)

@@ -19,4 +19,4 @@ def test_example_config_is_valid(path: Path) -> None:
 
 def test_there_is_an_example_per_format() -> None:
     formats = {load_config(p).templates[0].format for p in EXAMPLES if p.name.startswith("render-")}
-    assert formats == {"raw", "json", "dotenv", "yaml", "files", "template"}
+    assert formats == {"raw", "json", "dotenv", "shell", "yaml", "files", "template"}

@@ -35,8 +35,13 @@ def test_json_pretty_prints_the_object() -> None:
     )
 
 
-def test_dotenv_quotes_and_escapes() -> None:
-    assert _render(format="dotenv") == (b'username="app"\npassword="p w\\$\\"\\`x"\nport="5432"\n')
+def test_dotenv_quotes_and_escapes_as_python_dotenv_reads_them() -> None:
+    """Only backslash, double quote, newline and CR are escaped: python-dotenv keeps ``\\$``."""
+    assert _render(format="dotenv") == (b'username="app"\npassword="p w$\\"`x"\nport="5432"\n')
+
+
+def test_shell_single_quotes() -> None:
+    assert _render(format="shell") == (b"username='app'\npassword='p w$\"`x'\nport='5432'\n")
 
 
 def test_yaml_keeps_key_order() -> None:
@@ -55,7 +60,7 @@ def test_template_with_filters() -> None:
     )
     out = _render(format="template", template=text, secret=None, secrets=["db"])
     assert out == (
-        b'user=app pw=\'p w$"`x\' b64=YWI= env="p w\\$\\"\\`x"\n'
+        b'user=app pw=\'p w$"`x\' b64=YWI= env="p w$\\"`x"\n'
         b'{"username": "app", "password": "p w$\\"`x", "port": 5432}|a: 1\n'
     )
 
