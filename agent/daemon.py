@@ -117,6 +117,7 @@ class Daemon:
         self.state.status_providers.append(self.rotation.status)
         self.background.append(self.audit.run)
         self.state.status_providers.append(self.renderer.status)
+        self.background.append(self.renderer.watch_template_files)
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []

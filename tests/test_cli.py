@@ -184,3 +184,40 @@ def test_import_progress_off_a_terminal_has_a_rate_and_one_line_per_update(
     assert "\r" not in err
     last = [line for line in err.splitlines() if "30/30" in line][-1]
     assert last.startswith("import: 100%") and "secret/s" in last, err
+
+
+def test_exec_errors_are_one_line_with_a_documented_status(env: AgentEnv, tmp_path: Path) -> None:
+    """A missing secret, an unreachable socket, a missing command: one line, no traceback."""
+    env.put("prod/db", '{"password": "pw"}')
+    cases = [
+        (["--env", "X=secret://prod/nope", "--", "true"], 1, "prod/nope"),
+        (
+            ["--socket", str(tmp_path / "none.sock"), "--env", "X=secret://prod/db", "--", "true"],
+            1,
+            "cannot reach the agent",
+        ),
+        (["--env", "X=secret://prod/db#nokey", "--", "true"], 2, "no key 'nokey'"),
+        (["--env", "X=secret://prod/db", "--", "/nonexistent/cmd"], 127, "command not found"),
+    ]
+    for argv, status, words in cases:
+        code, _, err = env.cli("exec", *argv)
+        assert code == status, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("secrets-agent: "), err
+        assert words in lines[0] and "Traceback" not in err
+
+
+def test_an_unexpected_error_prints_one_line_and_the_traceback_only_with_debug(
+    env: AgentEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.commands import secrets
+
+    def broken(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(secrets, "load", broken)
+    code, _, err = env.cli("list")
+    assert code == 70 and len(err.strip().splitlines()) == 1
+    assert "internal error (builtins.ZeroDivisionError)" in err and "--debug" in err
+    code, _, err = env.cli("--debug", "list")
+    assert code == 70 and "Traceback" in err and "boom" in err

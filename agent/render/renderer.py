@@ -12,9 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import watchfiles
 
 from agent.aio import wait_event
 from agent.config import RenderConfig, TemplateConfig
@@ -91,6 +95,8 @@ class Renderer:
         self._templates = [self._new(i, cfg) for i, cfg in enumerate(templates)]
         metrics.zero_template_errors([t.label for t in self._templates])
         self._group: asyncio.TaskGroup | None = None
+        #: Set by :meth:`reconfigure` so :meth:`watch_template_files` watches the new set.
+        self._reconfigured = asyncio.Event()
 
     def _new(self, index: int, cfg: TemplateConfig) -> _Template:
         where = f"templates[{index}] ({cfg.destination})"
@@ -239,6 +245,46 @@ class Renderer:
                 log.info("%s rendered", t.where)
                 t.notifier.changed()
 
+    def on_template_file_changed(self, path: Path) -> None:
+        """Schedule a re-render of every template whose ``template_file`` is ``path``."""
+        for t in self._templates:
+            if t.cfg.template_file == path:
+                t.dirty.set()
+
+    async def watch_template_files(self) -> None:
+        """Re-render a template when its ``template_file`` changes, as consul-template does.
+
+        Watches the files' directories (editors replace a file rather than
+        write it in place), like the config file; restarts on a reconfigure.
+        """
+        while True:
+            self._reconfigured = reconfigured = asyncio.Event()
+            names = frozenset(
+                str(t.cfg.template_file) for t in self._templates if t.cfg.template_file
+            )
+            if not names:
+                await reconfigured.wait()
+                continue
+            dirs = sorted({str(Path(name).parent) for name in names})
+
+            def wanted(_change: object, changed: str, names: frozenset[str] = names) -> bool:
+                return _normpath(changed) in names
+
+            try:
+                async for changes in watchfiles.awatch(
+                    *dirs,
+                    watch_filter=wanted,
+                    recursive=False,
+                    debounce=100,
+                    step=50,
+                    stop_event=reconfigured,
+                ):
+                    for _, changed in changes:
+                        self.on_template_file_changed(Path(_normpath(changed)))
+            except (OSError, RuntimeError) as exc:
+                log.warning("not watching template files for changes: %s", exc)
+                await reconfigured.wait()
+
     def reconfigure(self, templates: Sequence[TemplateConfig]) -> None:
         """Apply a reloaded ``templates:`` list: unchanged ones keep running."""
         # Matched by equality, not hashing: a config holding lists (``secrets: [a, b]``,
@@ -261,6 +307,7 @@ class Renderer:
                 task.cancel()
         self._templates = new_list
         self.metrics.zero_template_errors([t.label for t in new_list])
+        self._reconfigured.set()
 
     def status(self) -> dict[str, Any]:
         """Per-template status for ``/v1/status`` (never values)."""
@@ -289,3 +336,8 @@ class Renderer:
                 await asyncio.to_thread(
                     writer.remove_output, t.cfg.destination, files_format=t.cfg.format == "files"
                 )
+
+
+def _normpath(path: str) -> str:
+    # Lexical only (no file system access): watchfiles reports absolute paths.
+    return os.path.normpath(path)

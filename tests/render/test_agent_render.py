@@ -77,3 +77,37 @@ async def test_a_reload_adds_and_removes_templates(env: AgentEnv, tmpfs: Path) -
         assert json.loads(second.read_bytes()) == {"password": "pw"}
         _, _, body = await agent.get("/v1/status")
         assert [t["destination"] for t in json.loads(body)["templates"]] == [str(second)]
+
+
+async def test_an_edit_to_a_template_file_re_renders(env: AgentEnv, tmpfs: Path) -> None:
+    """As consul-template does: no SIGHUP needed. Editors replace the file; both ways work."""
+    env.put("prod/db", '{"password": "pw"}')
+    template = env.dir / "app.tmpl"
+    template.write_text("one={{ secret('prod/db', 'password') }}\n")
+    dest = tmpfs / "app.conf"
+    env.configure(
+        templates=[
+            {
+                "destination": str(dest),
+                "secrets": ["prod/db"],
+                "format": "template",
+                "template_file": str(template),
+            }
+        ]
+    )
+
+    async def rendered(expected: bytes) -> None:
+        for _ in range(1000):  # bounded: 10 s at most
+            if dest.exists() and dest.read_bytes() == expected:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not re-rendered: {dest.read_bytes()!r}")
+
+    async with env.running():
+        await rendered(b"one=pw\n")
+        template.write_text("two={{ secret('prod/db', 'password') }}\n")  # in place
+        await rendered(b"two=pw\n")
+        replacement = env.dir / ".app.tmpl.new"
+        replacement.write_text("three={{ secret('prod/db', 'password') }}\n")
+        replacement.replace(template)  # as editors save
+        await rendered(b"three=pw\n")
