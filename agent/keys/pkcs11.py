@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from agent.config import AgentConfig, Pkcs11KeysConfig, read_secret_ref
-from agent.crypto.envelope import DEK_SIZE, WrappedKey, canonical_json
+from agent.crypto.envelope import WrappedKey
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -50,21 +50,12 @@ from agent.errors import (
     KeyUnavailable,
 )
 from agent.keys.base import KeyInfo
+from agent.keys.pkcs11_mech import Mechanisms, named
 from agent.metrics import Metrics
 
 T = TypeVar("T")
 _FORMATS: Final = {"aes-gcm": 1, "aes-key-wrap-pad": 2}
 _HEADER: Final = struct.Struct(">BI")
-_IV: Final = 12
-_TAG: Final = 16
-_DIGEST: Final = 16
-# PKCS#11 error names (pkcs11.exceptions), grouped by what they mean here.
-#: "This blob does not open" (SoftHSM reports a failed GCM tag or key-wrap check as
-#: CKR_GENERAL_ERROR).
-_REFUSALS: Final = (
-    "EncryptedDataInvalid EncryptedDataLenRange DataInvalid DataLenRange WrappedKeyInvalid "
-    "WrappedKeyLenRange MechanismParamInvalid GeneralError FunctionFailed"
-)
 #: The session or its object handles went stale: log in again, retry once.
 _STALE: Final = (
     "SessionHandleInvalid SessionClosed UserNotLoggedIn ObjectHandleInvalid KeyHandleInvalid "
@@ -80,15 +71,7 @@ class _Misconfigured(Exception):
     """Module, token or PIN problem: ConfigError for admin commands, else KeyUnavailable."""
 
 
-def _context_digest(context: Mapping[str, str]) -> bytes:
-    return hashlib.sha256(canonical_json(dict(context))).digest()[:_DIGEST]
-
-
-def _named(exc: BaseException, names: str) -> bool:
-    return type(exc).__name__ in names.split()
-
-
-class Pkcs11KeyProvider:
+class Pkcs11KeyProvider(Mechanisms):
     """A KeyProvider and KeyManager on an AES key in a PKCS#11 token."""
 
     def __init__(
@@ -179,7 +162,7 @@ class Pkcs11KeyProvider:
         except pkcs11.UserAlreadyLoggedIn:
             return token.open(rw=True)  # login is per process: another session of ours did it
         except pkcs11.PKCS11Error as exc:
-            if not _named(exc, _PIN_ERRORS):
+            if not named(exc, _PIN_ERRORS):
                 raise
             self._refused_pin = fingerprint
             raise _Misconfigured(f"login refused ({type(exc).__name__})") from None
@@ -242,7 +225,7 @@ class Pkcs11KeyProvider:
                     try:
                         return fn()
                     except pkcs11.PKCS11Error as exc:
-                        if not _named(exc, _STALE):
+                        if not named(exc, _STALE):
                             raise
                         self._reset()
                         return fn()
@@ -334,98 +317,6 @@ class Pkcs11KeyProvider:
         if not self._keys:
             await self._run("list", lambda: self._key(None))
         return bool(fmt == _FORMATS[self.mechanism] and version == max(self._keys, default=0))
-
-    def _seal_gcm(self, key: Any, dek: bytes, context: Mapping[str, str]) -> bytes:
-        from pkcs11 import Mechanism
-        from pkcs11.mechanisms import GCMParams
-
-        iv = os.urandom(_IV)
-        param = GCMParams(iv, canonical_json(dict(context)), _TAG * 8)
-        return iv + bytes(key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=param))
-
-    def _seal_kwp(self, key: Any, dek: bytes, context: Mapping[str, str]) -> bytes:
-        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-
-        secret = self._open().create_object(
-            {
-                Attribute.CLASS: ObjectClass.SECRET_KEY,
-                Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
-                Attribute.VALUE: dek + _context_digest(context),
-                Attribute.TOKEN: False,
-                Attribute.PRIVATE: True,
-                Attribute.SENSITIVE: False,
-                Attribute.EXTRACTABLE: True,
-            }
-        )
-        try:
-            return bytes(key.wrap_key(secret, mechanism=Mechanism.AES_KEY_WRAP_PAD))
-        finally:
-            secret.destroy()
-
-    def _refused(self, version: int, why: str) -> DecryptionError:
-        return DecryptionError(
-            f"HSM provider {self.name!r}: wrapped key refused by key {self.key_label!r} "
-            f"version {version} ({why})"
-        )
-
-    def _open_gcm(
-        self, found: tuple[int, Any], body: bytes, context: Mapping[str, str]
-    ) -> bytearray:
-        import pkcs11
-        from pkcs11 import Mechanism
-        from pkcs11.mechanisms import GCMParams
-
-        version, key = found
-        if not hasattr(key, "decrypt"):
-            raise self._refused(version, "this key version does not allow aes-gcm")
-        if len(body) < _IV + _TAG:
-            raise self._refused(version, "truncated")
-        param = GCMParams(body[:_IV], canonical_json(dict(context)), _TAG * 8)
-        try:
-            dek = key.decrypt(body[_IV:], mechanism=Mechanism.AES_GCM, mechanism_param=param)
-        except pkcs11.PKCS11Error as exc:
-            if _named(exc, _REFUSALS):
-                raise self._refused(version, "tampered, or wrapped for another context") from None
-            raise
-        return bytearray(dek)
-
-    def _open_kwp(
-        self, found: tuple[int, Any], body: bytes, context: Mapping[str, str]
-    ) -> bytearray:
-        import pkcs11
-        from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-
-        version, key = found
-        if not hasattr(key, "unwrap_key"):
-            raise self._refused(version, "this key version does not allow aes-key-wrap-pad")
-        try:
-            secret = key.unwrap_key(
-                ObjectClass.SECRET_KEY,
-                KeyType.GENERIC_SECRET,
-                body,
-                mechanism=Mechanism.AES_KEY_WRAP_PAD,
-                template={
-                    Attribute.TOKEN: False,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: False,
-                    Attribute.EXTRACTABLE: True,
-                },
-            )
-        except pkcs11.PKCS11Error as exc:
-            if _named(exc, _REFUSALS):
-                raise self._refused(version, "tampered or corrupt") from None
-            raise
-        try:
-            value = bytearray(secret[Attribute.VALUE])
-        finally:
-            secret.destroy()
-        tail, expected = bytes(value[DEK_SIZE:]), _context_digest(context)
-        if len(value) != DEK_SIZE + _DIGEST or not hmac.compare_digest(tail, expected):
-            value[:] = bytes(len(value))
-            raise self._refused(version, "wrapped for another context")
-        dek = value[:DEK_SIZE]
-        value[:] = bytes(len(value))
-        return dek
 
     # -------------------------------------------------------------- management
 

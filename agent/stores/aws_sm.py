@@ -49,11 +49,10 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion
+from agent.stores.base import StageState, StoredVersion, check_stage_map
 from agent.types import (
     AWS_STAGE_NAMES,
     STAGE_ALIASES,
-    normalize_stage,
     validate_name,
     validate_version_id,
 )
@@ -329,10 +328,7 @@ class SecretsManagerStore:
         self, name: str, stages: Mapping[str, str], *, expected_revision: str
     ) -> StageState:
         self._writable()
-        for stage, vid in stages.items():
-            if stage in STAGE_ALIASES or normalize_stage(stage) != stage:
-                raise BadRequest(f"stage labels are stored normalised, got {stage!r}")
-            validate_version_id(vid)
+        stages = check_stage_map(stages)
         current = await self.read_stages(name)
         if current.revision != expected_revision:
             raise Conflict(

@@ -22,6 +22,38 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from agent.errors import BadRequest, InvalidName
+from agent.types import STAGE_ALIASES, normalize_stage, validate_name, validate_version_id
+
+
+def check_store_name(name: str, *, store: str, reserved: frozenset[str]) -> str:
+    """``name`` if it is valid and none of its path segments is one of the layout's own.
+
+    Raises:
+        InvalidName: naming the store and its reserved segments.
+    """
+    validate_name(name)
+    clash = reserved & set(name.split("/"))
+    if clash:
+        raise InvalidName(
+            f"invalid secret name for the {store} store: the path segment "
+            f"{min(clash)!r} is reserved by its layout ({', '.join(sorted(reserved))})"
+        )
+    return name
+
+
+def check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
+    """A plain copy of a stage map to store; labels must be normalised, version ids valid.
+
+    Raises:
+        BadRequest: an alias (``AWSCURRENT``) or unnormalised label, or a bad version id.
+    """
+    for stage, version_id in stages.items():
+        if stage in STAGE_ALIASES or normalize_stage(stage) != stage:
+            raise BadRequest(f"stage labels are stored normalised, got {stage!r}")
+        validate_version_id(version_id)
+    return dict(stages)
+
 
 @dataclass(frozen=True, slots=True)
 class StageState:

@@ -58,18 +58,20 @@ from agent.errors import (
     ConfigError,
     Conflict,
     DecryptionError,
-    InvalidName,
     MalformedStoreData,
     SecretNotFound,
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion, WatchEvent
+from agent.stores.base import (
+    StageState,
+    StoredVersion,
+    WatchEvent,
+    check_stage_map,
+    check_store_name,
+)
 from agent.types import (
-    STAGE_ALIASES,
-    normalize_stage,
     utcnow,
-    validate_name,
     validate_version_id,
 )
 
@@ -81,13 +83,7 @@ _RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, TimeoutError,
 
 def check_name(name: str) -> str:
     """A valid name that cannot collide with the layout's own path segments."""
-    validate_name(name)
-    if _RESERVED & set(name.split("/")):
-        raise InvalidName(
-            "invalid secret name for the etcd store: a path segment "
-            "'versions' or 'stages' collides with the store layout"
-        )
-    return name
+    return check_store_name(name, store="etcd", reserved=_RESERVED)
 
 
 @dataclass(frozen=True)
@@ -436,10 +432,7 @@ class EtcdStore:
         self, name: str, stages: Mapping[str, str], *, expected_revision: str
     ) -> StageState:
         check_name(name)
-        for stage, vid in stages.items():
-            if stage in STAGE_ALIASES or normalize_stage(stage) != stage:
-                raise BadRequest(f"stage labels are stored normalised, got {stage!r}")
-            validate_version_id(vid)
+        stages = check_stage_map(stages)
         key = self._key(name, "stages")
         tx = self._client.transactions
         version_keys = {self._key(name, "versions", vid) for vid in stages.values()}

@@ -64,9 +64,15 @@ from agent.fsutil import (
     make_dirs,
     read_nofollow,
 )
-from agent.stores.base import StageState, StoredVersion, WatchEvent
+from agent.stores.base import (
+    StageState,
+    StoredVersion,
+    WatchEvent,
+    check_stage_map,
+    check_store_name,
+)
 from agent.stores.file_watch import Batch, watch_store
-from agent.types import normalize_stage, validate_name, validate_version_id
+from agent.types import validate_version_id
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig, FileStoreConfig
@@ -87,9 +93,9 @@ _T = TypeVar("_T")
 
 def check_name(name: str) -> str:
     """Validate ``name`` as a secret name this store can lay out on disk."""
-    validate_name(name)
+    check_store_name(name, store="file", reserved=RESERVED_SEGMENTS)
     for segment in name.split("/"):
-        if segment in RESERVED_SEGMENTS or is_temp_name(segment):
+        if is_temp_name(segment):
             raise InvalidName(
                 f"invalid secret name: the segment {segment!r} is reserved by the file store "
                 "layout (versions, stages.json, .lock and .*.tmp)"
@@ -213,7 +219,7 @@ class FileStore:
     ) -> StageState:
         """Replace ``stages.json`` under the secret's lock if the revision still matches."""
         check_name(name)
-        stages = _check_stage_map(stages)
+        stages = check_stage_map(stages)
         return await self._run("set_stages", self._set_stages, name, stages, expected_revision)
 
     async def delete_version(self, name: str, version_id: str) -> None:
@@ -585,18 +591,6 @@ def _outcome(exc: AgentError) -> str:
     if isinstance(exc, Conflict):
         return "conflict"
     return "error"
-
-
-def _check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
-    """Validate stage labels (already normalised) and version ids; return a plain copy."""
-    for stage, version_id in stages.items():
-        if normalize_stage(stage) != stage:
-            raise BadRequest(
-                f"stage label {stage!r} must be normalised to "
-                f"{normalize_stage(stage)!r} before it is stored"
-            )
-        validate_version_id(version_id)
-    return dict(stages)
 
 
 def _parse_stages(data: bytes, what: str, limits: Limits) -> dict[str, str]:

@@ -26,22 +26,17 @@ from agent.config import AgentConfig, S3StoreConfig
 from agent.errors import (
     AgentError,
     BackendUnavailable,
-    BadRequest,
     Conflict,
     DecryptionError,
-    InvalidName,
     MalformedStoreData,
     NotFound,
     SecretNotFound,
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion
+from agent.stores.base import StageState, StoredVersion, check_stage_map, check_store_name
 from agent.types import (
-    STAGE_ALIASES,
-    normalize_stage,
     utcnow,
-    validate_name,
     validate_version_id,
 )
 
@@ -49,13 +44,8 @@ _RESERVED = frozenset({"versions", "stages.json"})
 
 
 def check_name(name: str) -> str:
-    validate_name(name)
-    if _RESERVED & set(name.split("/")):
-        raise InvalidName(
-            "invalid secret name for the s3 store: a path segment 'versions' "
-            "or 'stages.json' collides with the store layout"
-        )
-    return name
+    """A valid name that cannot collide with the layout's own path segments."""
+    return check_store_name(name, store="s3", reserved=_RESERVED)
 
 
 class S3Store:
@@ -249,10 +239,7 @@ class S3Store:
         self, name: str, stages: Mapping[str, str], *, expected_revision: str
     ) -> StageState:
         check_name(name)
-        for stage, vid in stages.items():
-            if stage in STAGE_ALIASES or normalize_stage(stage) != stage:
-                raise BadRequest(f"stage labels are stored normalised, got {stage!r}")
-            validate_version_id(vid)
+        stages = check_stage_map(stages)
         if not await self._keys(self._key(name) + "/"):
             raise SecretNotFound(f"secret {name!r} does not exist")
         for vid in set(stages.values()):

@@ -1,0 +1,143 @@
+"""The synchronous client, on the standard library only."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from agent.client._base import (
+    LIST_CALL,
+    STATUS_CALL,
+    Call,
+    Endpoint,
+    T,
+    bytes_call,
+    describe_call,
+    get_call,
+    json_call,
+    raise_for,
+)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class SecretsClient:
+    """Synchronous client on the standard library (one connection per call)."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.timeout = timeout
+        self._endpoint = Endpoint.of(socket_path, base_url=base_url, token=token)
+        self.base_url = self._endpoint.base_url
+        self.socket_path = self._endpoint.socket_path
+
+    def __repr__(self) -> str:
+        return f"SecretsClient({self.where!r})"
+
+    @property
+    def where(self) -> str:
+        """The socket path or base URL, for messages."""
+        return self._endpoint.where
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._endpoint.tcp is not None:
+            return http.client.HTTPConnection(*self._endpoint.tcp, timeout=self.timeout)
+        assert self.socket_path is not None
+        return _UnixConnection(self.socket_path, self.timeout)
+
+    def request(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """GET ``path``; return status, headers and body (UnavailableError if unreachable)."""
+        conn = self._connection()
+        try:
+            conn.request("GET", path, headers=self._endpoint.headers)
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        except OSError as exc:
+            raise self._endpoint.unreachable(exc) from None
+        finally:
+            conn.close()
+
+    def _run(self, call: Call[T]) -> T:
+        status, headers, body = self.request(call.path)
+        raise_for(status, body, headers)
+        return call.parse(body)
+
+    def get_json_document(self, path: str) -> Any:
+        """GET ``path`` and parse the JSON answer (typed errors on failure)."""
+        return self._run(Call(path, _json_document))
+
+    def get(
+        self,
+        name: str,
+        key: str | None = None,
+        stage: str | None = None,
+        *,
+        version: str | None = None,
+    ) -> str:
+        """The secret's value as text (or one ``key`` of a JSON secret, as text)."""
+        return self._run(get_call(name, key, stage, version))
+
+    def get_bytes(
+        self, name: str, stage: str | None = None, *, version: str | None = None
+    ) -> bytes:
+        """The secret's value as bytes (text or binary secrets)."""
+        return self._run(bytes_call(name, stage, version))
+
+    def get_json(
+        self,
+        name: str,
+        key: str | None = None,
+        stage: str | None = None,
+        *,
+        version: str | None = None,
+    ) -> Any:
+        """The secret's value parsed as JSON (or the JSON value of one ``key``)."""
+        return self._run(json_call(name, key, stage, version))
+
+    def describe(
+        self,
+        name: str,
+        *,
+        key: str | None = None,
+        stage: str | None = None,
+        version: str | None = None,
+    ) -> dict[str, Any]:
+        """The JSON document of a secret: value, version id, stages, created_at."""
+        return self._run(describe_call(name, key, stage, version))
+
+    def list_secrets(self) -> list[dict[str, Any]]:
+        """The secrets this process may read, with versions and stages (no values)."""
+        return self._run(LIST_CALL)
+
+    def status(self) -> dict[str, Any]:
+        """The agent's status document (no values)."""
+        return self._run(STATUS_CALL)
+
+
+def _json_document(body: bytes) -> Any:
+    import json
+
+    return json.loads(body)
