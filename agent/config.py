@@ -839,10 +839,12 @@ def parse_yaml_text(raw: bytes, *, path: Path) -> tuple[object, dict[str, int]]:
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
             "save the file as UTF-8"
         ) from None
-    if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
-        raise ConfigError(f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused")
     loader = yaml.SafeLoader(text)
     try:
+        if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
+            raise ConfigError(
+                f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused"
+            )
         node = loader.get_single_node()
         lines = _node_lines(node, path)
         data = loader.construct_document(node) if node is not None else None
