@@ -41,6 +41,7 @@ __all__ = [
     "ServerProcess",
     "ServerStartError",
     "SoftHSMToken",
+    "_etcd_process",
     "aws_env",
     "etcd_server",
     "find_softhsm_module",
@@ -310,8 +311,7 @@ class EtcdServer(ServerProcess):
 
 
 @pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """A running etcd; tests may ``stop()`` and ``start()`` it, and must leave it running."""
+def _etcd_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     binary = require(shutil.which("etcd") or "/usr/bin/etcd", "etcd (apt install etcd-server)")
     root = tmp_path_factory.mktemp("etcd")
     server = EtcdServer(binary=binary, data_dir=root / "data", log_path=root / "etcd.log")
@@ -320,6 +320,23 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def etcd_server(_etcd_process: EtcdServer) -> EtcdServer:
+    """A running etcd, shared by the session; tests may ``stop()`` and ``start()`` it.
+
+    A test that left it stopped, or whose restart timed out on a loaded
+    machine, would fail every later etcd test; so each test gets it running:
+    restarted on its port and data, or on fresh ports if that port was taken.
+    """
+    server = _etcd_process
+    if not server.running:
+        try:
+            server.start()
+        except ServerStartError:
+            server.launch()
+    return server
 
 
 # --- moto_server --------------------------------------------------------------------------
