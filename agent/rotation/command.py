@@ -41,6 +41,8 @@ from agent.rotation.params import as_duration, check_known
 EX_TEMPFAIL = 75
 #: The most a step may print on stdout (a value is small; anything larger is a bug).
 MAX_OUTPUT = 1 << 20
+#: How long a killed child's leftover output is drained before waiting for it.
+_REAP_TIMEOUT = 5.0
 
 
 class CommandRotator:
@@ -95,17 +97,20 @@ class CommandRotator:
                 f"cannot run {self.argv[0]!r} for step {step}: {exc.strerror}"
             ) from None
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
+            out = await asyncio.wait_for(_collect(proc, stdin), self.timeout)
+        except _TooMuchOutput:
+            await _reap(proc)
+            raise RotationFailed(
+                f"{self.argv[0]!r} printed more than {MAX_OUTPUT} bytes at step {step}"
+            ) from None
         except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
+            await _reap(proc)
             raise RotationFailed(
                 f"{self.argv[0]!r} did not finish step {step} within {self.timeout:g}s"
             ) from None
         except BaseException:
-            _kill_group(proc.pid)
             with contextlib.suppress(Exception):
-                await proc.wait()
+                await _reap(proc)
             raise
         code = proc.returncode
         if code == EX_TEMPFAIL:
@@ -117,8 +122,6 @@ class CommandRotator:
                 else (f"exited with status {code}")
             )
             raise RotationFailed(f"{self.argv[0]!r} {how} at step {step}")
-        if len(out) > MAX_OUTPUT:
-            raise RotationFailed(f"{self.argv[0]!r} printed more than {MAX_OUTPUT} bytes")
         return out
 
     async def create(self, ctx: RotationContext) -> bytes:
@@ -137,6 +140,65 @@ class CommandRotator:
 
     async def aclose(self) -> None:
         return None
+
+
+class _TooMuchOutput(Exception):
+    """The child printed more than MAX_OUTPUT bytes."""
+
+
+async def _collect(proc: asyncio.subprocess.Process, stdin: bytes) -> bytes:
+    """Feed ``stdin``, read stdout up to MAX_OUTPUT bytes, and wait for the exit.
+
+    The cap is checked while reading, so a child that prints without end is
+    stopped at MAX_OUTPUT instead of growing the agent's memory until the
+    timeout (``communicate`` buffers everything first).
+    """
+    assert proc.stdin is not None and proc.stdout is not None
+    writer, reader = proc.stdin, proc.stdout
+
+    async def feed() -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            writer.write(stdin)
+            await writer.drain()
+        writer.close()
+
+    feeder = asyncio.create_task(feed())
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await reader.read(1 << 16):
+            size += len(chunk)
+            if size > MAX_OUTPUT:
+                raise _TooMuchOutput
+            chunks.append(chunk)
+        await feeder
+        await proc.wait()
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await feeder
+        if not writer.is_closing():
+            writer.close()
+    return b"".join(chunks)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill the child's process group, drain what it left in the pipe, and wait.
+
+    asyncio's ``wait()`` returns only once stdout is closed too, and a reader
+    that stopped reading a full pipe never sees its end: discard the rest first.
+    """
+    _kill_group(proc.pid)
+    if proc.stdout is not None:
+        with contextlib.suppress(TimeoutError, OSError):
+            await asyncio.wait_for(_discard(proc.stdout), _REAP_TIMEOUT)
+    await proc.wait()
+
+
+async def _discard(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
 
 
 def _pending(ctx: RotationContext) -> bytes:

@@ -178,3 +178,19 @@ async def test_a_command_failing_on_purpose_at_a_step_keeps_current_and_the_next
     lines = calls.read_text().split()
     assert lines.count("create") == (2 if step == "create" else 1)  # never re-created
     assert lines[-1] == "test"
+
+
+async def test_a_command_printing_without_end_is_stopped_at_the_output_cap(tmp_path: Path) -> None:
+    """The output cap holds while the child runs, not after it exits.
+
+    Found by acceptance testing: ``exec yes`` as a create step grew the agent
+    past 1 GiB within the step's timeout (and blocked its event loop), because
+    the whole stdout was buffered before the cap was checked.
+    """
+    marker = tmp_path / "still-running"
+    cmd = script(tmp_path, f"head -c 8388608 /dev/zero\nsleep 30\ntouch {marker}\n")
+    rotator = CommandRotator({"command": cmd, "timeout": "20s"})
+    with pytest.raises(RotationFailed, match="printed more than") as info:
+        await rotator.create(ctx())
+    assert "create" in info.value.message
+    assert not marker.exists()
