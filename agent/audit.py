@@ -53,6 +53,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from agent import fsutil
 from agent.auditverify import GENESIS, Verdict, expand, line_hash, verify
 from agent.config import AuditConfig
 from agent.errors import BackendUnavailable, ConfigError
@@ -342,16 +343,38 @@ class AuditLog:
         assert self.path is not None
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            fd = os.open(self.path, flags, 0o600)
+            # The directory is checked (ours or root's, writable by no one else
+            # unless sticky) and the log opened relative to it, no-follow.
+            dir_fd = fsutil.open_checked_dir(
+                self.path.parent, shared_ok=True, what="audit directory"
+            )
+        except fsutil.UnsafeDirectory as exc:
+            raise ConfigError(exc.message, path="audit.path") from None
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot open audit log {self.path} (its directory): {exc.strerror}",
+                path="audit.path",
+            ) from None
+        try:
+            fd = os.open(self.path.name, flags, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             raise ConfigError(
                 f"cannot open audit log {self.path} for appending: {exc.strerror}",
                 path="audit.path",
             ) from None
+        finally:
+            os.close(dir_fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ConfigError(f"audit log {self.path} is not a regular file", path="audit.path")
+        if st.st_uid not in (0, os.geteuid()):
+            os.close(fd)
+            raise ConfigError(
+                f"audit log {fsutil.describe(self.path, st)} belongs to another user, who could "
+                f"rewrite it. Fix: remove it, or chown {os.geteuid()} {self.path}",
+                path="audit.path",
+            )
         old, self._fd = self._fd, fd
         self._ident = (st.st_dev, st.st_ino)
         self._size = st.st_size

@@ -153,7 +153,12 @@ def _default_runtime_dir() -> Path:
 
 
 def default_socket_path() -> Path:
-    """``$XDG_RUNTIME_DIR/secrets-agent/agent.sock``, or ``/run/secrets-agent/agent.sock``."""
+    """``/run/secrets-agent/agent.sock`` for root, else ``$XDG_RUNTIME_DIR/secrets-agent/``,
+    else ``~/.cache/secrets-agent/`` (never a predictable path under /tmp that
+    another user could create first; the agent checks the directory at bind)."""
+    if os.geteuid() != 0 and not os.environ.get("XDG_RUNTIME_DIR"):
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(cache) / "secrets-agent" / "agent.sock"
     return _default_runtime_dir() / "agent.sock"
 
 
@@ -244,6 +249,10 @@ class ListenConfig(_Model):
     socket: ConfigPath = Field(default_factory=default_socket_path)
     socket_mode: Mode = Field(default=0o660, validate_default=False)
     socket_group: str | int | None = None
+    #: The socket directory's parent is a volume shared within one trust
+    #: boundary (a pod's emptyDir, mode 0777): the agent creates and verifies
+    #: the socket directory in it.
+    shared_volume: bool = False
     max_connections: PositiveInt = 800
     connections: ConnectionsConfig = Field(
         default_factory=ConnectionsConfig,
@@ -491,6 +500,10 @@ class TemplateConfig(_Model):
 
 class RenderConfig(_Model):
     allowed_dirs: list[ConfigPath] = Field(default_factory=list)
+    #: Volumes shared within one trust boundary (a pod's emptyDir, mode 0777):
+    #: a destination's directory directly inside one is created and verified
+    #: by the agent, never written in directly.
+    shared_volumes: list[ConfigPath] = Field(default_factory=list)
     cleanup_on_exit: bool = False
 
 

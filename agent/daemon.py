@@ -200,7 +200,11 @@ class Daemon:
         await runner.setup()
         self._runners.append(runner)
         await bind_unix_site(
-            runner, listen.socket, mode=listen.socket_mode, group=listen.socket_group
+            runner,
+            listen.socket,
+            mode=listen.socket_mode,
+            group=listen.socket_group,
+            shared_volume=listen.shared_volume,
         )
         log.info("serving on unix socket %s", listen.socket)
         if listen.tcp is not None:

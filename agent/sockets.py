@@ -1,4 +1,4 @@
-"""Binding the Unix socket safely: private directory, no stale files, mode set at once."""
+"""Binding the Unix socket safely: a verified private directory, no stale file, mode set at once."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agent import fsutil
 from agent.errors import ConfigError
 from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 _MAX_SUN_PATH = 107
+_SOCKET_DIR_MODE = 0o711  # others may connect but not list or write
 #: asyncio's message when ``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM.
 _ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
 
@@ -52,32 +54,59 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop, *, interval: float = 10
     loop.set_exception_handler(handler)
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Create the socket's directory (0711: others may connect but not list or
-    write) and remove a stale socket left by a crashed agent.
+def prepare_socket_path(path: Path, *, shared_volume: bool = False) -> None:
+    """Create and verify the socket's directory, and remove a stale socket left by a crash.
+
+    The directory must be owned by the agent's uid or root and writable by no
+    one else, and so must every directory above it (sticky ones excepted, such
+    as /tmp): otherwise another local user could rename the socket and bind
+    their own. A missing directory is created 0711. With ``shared_volume``
+    its parent may be world-writable (a pod's emptyDir): the agent then
+    creates the socket directory itself and verifies that it owns it.
 
     Raises:
-        ConfigError: the path is too long, the directory is writable by others,
-            something other than a socket sits at the path, or another agent
-            is listening on it.
+        ConfigError: the path is too long, a directory fails the check (naming
+            it, its owner and mode, and the fix), something other than a socket
+            sits at the path, or another agent is listening on it.
     """
     if len(os.fsencode(path)) > _MAX_SUN_PATH:
         raise ConfigError(
             f"socket path is longer than {_MAX_SUN_PATH} bytes: {path}", path="listen.socket"
         )
     parent = path.parent
-    if not parent.exists():
-        parent.mkdir(mode=0o711, parents=True)
-        os.chmod(parent, 0o711)  # noqa: S103 - traversable, not listable; umask filters mkdir
-    st = parent.stat()
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise ConfigError(
-            f"socket directory {parent} is writable by everyone; "
-            "another user could replace the socket",
-            path="listen.socket",
-        )
+    if not parent.parent.exists():
+        # e.g. ~/.cache on a fresh account; private, and verified below like the rest.
+        fsutil.make_dirs(parent.parent, mode=0o700)
     try:
-        st = path.lstat()
+        fd = fsutil.open_checked_dir(
+            parent,
+            create_mode=_SOCKET_DIR_MODE,
+            shared_parent_ok=shared_volume,
+            what="socket directory",
+        )
+    except fsutil.UnsafeDirectory as exc:
+        hint = ""
+        if "writable by group or others" in exc.message and not shared_volume:
+            hint = (
+                " (for a volume shared within one pod, such as an emptyDir, put the socket in a "
+                "subdirectory the agent creates, e.g. <volume>/secrets-agent/agent.sock, and set "
+                "listen.shared_volume: true)"
+            )
+        raise ConfigError(exc.message + hint, path="listen.socket") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create or open socket directory {parent}: {exc.strerror}",
+            path="listen.socket",
+        ) from None
+    try:
+        _remove_stale(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(dir_fd: int, path: Path) -> None:
+    try:
+        st = os.stat(path.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
@@ -86,7 +115,7 @@ def prepare_socket_path(path: Path) -> None:
     try:
         probe.connect(str(path))
     except OSError:
-        path.unlink()  # stale: nobody listens
+        os.unlink(path.name, dir_fd=dir_fd)  # stale: nobody listens
     else:
         raise ConfigError(f"another process is listening on {path}", path="listen.socket")
     finally:
@@ -94,10 +123,15 @@ def prepare_socket_path(path: Path) -> None:
 
 
 async def bind_unix_site(
-    runner: web.AppRunner, path: Path, *, mode: int, group: str | int | None
+    runner: web.AppRunner,
+    path: Path,
+    *,
+    mode: int,
+    group: str | int | None,
+    shared_volume: bool = False,
 ) -> None:
     """Listen on ``path`` with ``mode`` (and ``group``), never wider in between."""
-    prepare_socket_path(path)
+    prepare_socket_path(path, shared_volume=shared_volume)
     gid = -1
     if group is not None:
         try:

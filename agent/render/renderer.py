@@ -128,7 +128,9 @@ class Renderer:
         removed = writer.remove_stale_temps(dest, directory=directory)
         if removed:
             log.info("removed %d leftovers of an interrupted write at %s", removed, dest)
-        writer.probe(dest, owner=owner, directory=directory)
+        writer.probe(
+            dest, owner=owner, directory=directory, shared_volumes=self.render_config.shared_volumes
+        )
 
     def _check(self, cfg: TemplateConfig) -> None:
         writer.check_destination(
@@ -136,6 +138,7 @@ class Renderer:
             allow_disk=cfg.allow_disk,
             allowed_dirs=self.render_config.allowed_dirs,
             directory=cfg.format == "files",
+            shared_volumes=self.render_config.shared_volumes,
         )
 
     async def render_one(self, t: _Template) -> bool:
@@ -169,9 +172,14 @@ class Renderer:
     def _write(self, cfg: TemplateConfig, output: bytes | dict[str, bytes]) -> bool:
         self._check(cfg)
         owner = writer.resolve_owner(cfg.owner, cfg.group)
+        shared = self.render_config.shared_volumes
         if isinstance(output, dict):
-            return writer.write_files(cfg.destination, output, mode=cfg.mode, owner=owner)
-        return writer.write_file(cfg.destination, output, mode=cfg.mode, owner=owner)
+            return writer.write_files(
+                cfg.destination, output, mode=cfg.mode, owner=owner, shared_volumes=shared
+            )
+        return writer.write_file(
+            cfg.destination, output, mode=cfg.mode, owner=owner, shared_volumes=shared
+        )
 
     def _failed(self, t: _Template, exc: Exception) -> str:
         if isinstance(exc, AgentError):

@@ -30,6 +30,8 @@ from agent.render.formats import RenderError
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
 _DATA = "..data"
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +72,22 @@ def filesystem_type(path: Path) -> int:
 
 
 def check_destination(
-    dest: Path, *, allow_disk: bool, allowed_dirs: Sequence[Path], directory: bool = False
+    dest: Path,
+    *,
+    allow_disk: bool,
+    allowed_dirs: Sequence[Path],
+    directory: bool = False,
+    shared_volumes: Sequence[Path] = (),
 ) -> None:
-    """Refuse a destination that is a symlink, outside ``allowed_dirs``, or on disk.
+    """Refuse a destination that is a symlink, outside ``allowed_dirs``, on disk, or in
+    a directory another user could swap things in.
 
     Args:
         directory: the destination is a directory (``files`` format). If it
             exists, its own filesystem is checked: it may be a tmpfs mount
             point (an ``emptyDir``) inside a directory on disk.
+        shared_volumes: directories others in the same trust boundary may write
+            to (a pod's ``emptyDir``); the agent creates its own subdirectory there.
 
     Raises:
         RenderError: with the reason and the fix.
@@ -89,21 +99,72 @@ def check_destination(
             raise RenderError(
                 f"{dest} is outside render.allowed_dirs ({', '.join(str(d) for d in allowed_dirs)})"
             )
-    try:
-        st: os.stat_result | None = dest.lstat()
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise RenderError(f"{dest} is a symlink; refusing to write through it")
-    if st is not None and directory and not stat.S_ISDIR(st.st_mode):
-        raise RenderError(f"{dest} exists and is not a directory (format 'files' needs one)")
-    if st is not None and not directory and not stat.S_ISREG(st.st_mode):
-        raise RenderError(f"{dest} exists and is not a regular file")
-    parent = dest.parent
-    if not parent.is_dir():
-        raise RenderError(f"directory {parent} does not exist")
+    with _Dir(dest.parent, shared_volumes) as parent_fd:
+        st = _lstat_at(parent_fd, dest.name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise RenderError(f"{dest} is a symlink; refusing to write through it")
+        if st is not None and directory and not stat.S_ISDIR(st.st_mode):
+            raise RenderError(f"{dest} exists and is not a directory (format 'files' needs one)")
+        if st is not None and not directory and not stat.S_ISREG(st.st_mode):
+            raise RenderError(f"{dest} exists and is not a regular file")
+        if st is not None and directory:
+            _check_files_dir(dest, st)
     if not allow_disk:
-        _check_memory_backed(dest if st is not None and directory else parent)
+        _check_memory_backed(dest if st is not None and directory else dest.parent)
+
+
+class _Dir:
+    """A checked descriptor of ``path`` (see :func:`fsutil.open_checked_dir`), closed on exit.
+
+    Sticky shared directories (``/dev/shm``) are accepted for single files. A
+    directory listed in ``shared_volumes`` is never written in directly: the
+    agent creates (0711) and verifies its own subdirectory there.
+    """
+
+    def __init__(self, path: Path, shared_volumes: Sequence[Path] = ()) -> None:
+        self.path = path
+        self.shared_parent = _in_shared(path.parent, shared_volumes)
+        self.fd = -1
+
+    def __enter__(self) -> int:
+        try:
+            self.fd = fsutil.open_checked_dir(
+                self.path,
+                shared_ok=True,
+                shared_parent_ok=self.shared_parent,
+                create_mode=0o711 if self.shared_parent else None,
+                what="render directory",
+            )
+        except fsutil.UnsafeDirectory as exc:
+            raise RenderError(exc.message) from None
+        except FileNotFoundError:
+            raise RenderError(f"directory {self.path} does not exist") from None
+        except NotADirectoryError:
+            raise RenderError(f"{self.path} is not a directory") from None
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _in_shared(path: Path, shared_volumes: Sequence[Path]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == os.path.realpath(v) for v in shared_volumes)
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _check_files_dir(dest: Path, st: os.stat_result) -> None:
+    """A ``files`` destination is ours alone: owned by us or root, writable by no one else."""
+    try:
+        fsutil.check_directory(dest, st, shared_ok=False, what="render directory")
+    except fsutil.UnsafeDirectory as exc:
+        raise RenderError(exc.message) from None
 
 
 def _check_memory_backed(directory: Path) -> None:
@@ -116,33 +177,46 @@ def _check_memory_backed(directory: Path) -> None:
         )
 
 
-def probe(dest: Path, *, owner: Owner = Owner(), directory: bool = False) -> None:
+def probe(
+    dest: Path,
+    *,
+    owner: Owner = Owner(),
+    directory: bool = False,
+    shared_volumes: Sequence[Path] = (),
+) -> None:
     """Create (and chown) then remove a temporary file where ``dest`` will be written.
 
     So an unwritable directory or an owner the agent may not give files to
     fails at start, not at the first rotation.
     """
     where = dest if directory and dest.is_dir() else dest.parent
-    tmp = where / f".{dest.name}.probe.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
-    try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except OSError as exc:
-        raise RenderError(f"cannot write in {where}: {exc.strerror}") from None
-    try:
-        if owner.uid is not None or owner.gid is not None:
-            os.fchown(
-                fd, -1 if owner.uid is None else owner.uid, -1 if owner.gid is None else owner.gid
+    name = f".{dest.name}.probe.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
+    with _Dir(where, shared_volumes) as dir_fd:
+        try:
+            fd = os.open(
+                name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dir_fd,
             )
-    except OSError as exc:
-        raise RenderError(
-            f"cannot give files to owner {owner.uid}/group {owner.gid}: {exc.strerror} "
-            "(the agent needs CAP_CHOWN, or drop owner/group)"
-        ) from None
-    finally:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise RenderError(f"cannot write in {where}: {exc.strerror}") from None
+        try:
+            if owner.uid is not None or owner.gid is not None:
+                os.fchown(
+                    fd,
+                    -1 if owner.uid is None else owner.uid,
+                    -1 if owner.gid is None else owner.gid,
+                )
+        except OSError as exc:
+            raise RenderError(
+                f"cannot give files to owner {owner.uid}/group {owner.gid}: {exc.strerror} "
+                "(the agent needs CAP_CHOWN, or drop owner/group)"
+            ) from None
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
 
 
 def remove_stale_temps(dest: Path, *, directory: bool = False) -> int:
@@ -150,46 +224,54 @@ def remove_stale_temps(dest: Path, *, directory: bool = False) -> int:
 
     That is our temporary files beside ``dest`` (``.<name>.<random>.tmp``)
     and, for a ``files`` directory, temporary files and symlinks inside it and
-    generation directories that ``..data`` does not point to.
+    generation directories that ``..data`` does not point to. Runs relative
+    to checked descriptors only (an unsafe directory is left alone here and
+    refused by the checks that follow).
     """
-    removed = _remove_temps(dest.parent, prefix=f".{dest.name}.")
-    if directory and dest.is_dir() and not dest.is_symlink():
-        removed += _remove_temps(dest, prefix=".")
-        removed += _remove_old_generations(dest, keep=_current_generation(dest))
+    removed = 0
+    with contextlib.suppress(RenderError, OSError), _Dir(dest.parent) as parent_fd:
+        removed += _remove_temps(parent_fd, prefix=f".{dest.name}.")
+        st = _lstat_at(parent_fd, dest.name)
+        if directory and st is not None and stat.S_ISDIR(st.st_mode):
+            dest_fd = fsutil.open_checked_dir(dest, what="render directory")
+            try:
+                removed += _remove_temps(dest_fd, prefix=".")
+                removed += _remove_old_generations(dest_fd, keep=_current_generation(dest_fd, dest))
+            finally:
+                os.close(dest_fd)
     return removed
 
 
-def _remove_temps(directory: Path, *, prefix: str) -> int:
+def _remove_temps(dir_fd: int, *, prefix: str) -> int:
     removed = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0
-    for entry in entries:
-        if entry.name.startswith(prefix) and fsutil.is_temp_name(entry.name):
+    for name in os.listdir(dir_fd):
+        if name.startswith(prefix) and fsutil.is_temp_name(name):
             with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+                os.unlink(name, dir_fd=dir_fd)
                 removed += 1
     return removed
 
 
-def write_file(dest: Path, data: bytes, *, mode: int, owner: Owner) -> bool:
-    """Write ``dest`` if its bytes, mode or owner differ; return whether it was written."""
-    try:
-        st = dest.lstat()
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise RenderError(f"{dest} is a symlink; refusing to write through it")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        raise RenderError(f"{dest} exists and is not a regular file")
-    if st is not None and _same(dest, st, data, mode, owner):
-        return False
-    fsutil.atomic_write(dest, data, mode=mode, uid=owner.uid, gid=owner.gid)
-    return True
+def write_file(
+    dest: Path, data: bytes, *, mode: int, owner: Owner, shared_volumes: Sequence[Path] = ()
+) -> bool:
+    """Write ``dest`` if its bytes, mode or owner differ; return whether it was written.
+
+    Every step is relative to a checked descriptor of ``dest``'s directory.
+    """
+    with _Dir(dest.parent, shared_volumes) as dir_fd:
+        st = _lstat_at(dir_fd, dest.name)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise RenderError(f"{dest} is a symlink; refusing to write through it")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise RenderError(f"{dest} exists and is not a regular file")
+        if st is not None and _same(dir_fd, dest.name, st, data, mode, owner):
+            return False
+        fsutil.atomic_write_at(dir_fd, dest.name, data, mode=mode, uid=owner.uid, gid=owner.gid)
+        return True
 
 
-def _same(dest: Path, st: os.stat_result, data: bytes, mode: int, owner: Owner) -> bool:
+def _same(dir_fd: int, name: str, st: os.stat_result, data: bytes, mode: int, owner: Owner) -> bool:
     if stat.S_IMODE(st.st_mode) != mode or st.st_size != len(data):
         return False
     if owner.uid is not None and st.st_uid != owner.uid:
@@ -197,60 +279,108 @@ def _same(dest: Path, st: os.stat_result, data: bytes, mode: int, owner: Owner) 
     if owner.gid is not None and st.st_gid != owner.gid:
         return False
     try:
-        current, _ = fsutil.read_nofollow(dest)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
+        )
     except OSError:
         return False
-    return current == data
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return b"".join(chunks) == data
 
 
-def write_files(dest: Path, files: Mapping[str, bytes], *, mode: int, owner: Owner) -> bool:
+def write_files(
+    dest: Path,
+    files: Mapping[str, bytes],
+    *,
+    mode: int,
+    owner: Owner,
+    shared_volumes: Sequence[Path] = (),
+) -> bool:
     """Swap in a new generation of ``files`` under ``dest`` if anything differs.
 
     The new generation is a fresh ``..<UTC time>.<random>`` directory; the
     one atomic step is renaming a new symlink over ``..data``. Then each
     ``<key>`` symlink (to ``..data/<key>``) is created or repaired, links of
     keys that went away are removed, and old generations are deleted.
+    Every step (mkdir, file writes, symlinks, renames, removals) is relative
+    to a checked descriptor of ``dest`` or of the new generation, never a
+    path, so a directory swapped for a symlink cannot redirect a write.
     Returns whether anything changed.
     """
-    _ensure_dir(dest)
-    current = _current_generation(dest)
-    if current is not None and _generation_matches(dest / current, files, mode, owner):
-        return _link_keys(dest, files)
-    stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
-    gen = dest / f"..{stamp}.{secrets.token_hex(4)}"
-    tmp_link = dest / f".{_DATA}.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
-    gen.mkdir(mode=0o711)
+    with _Dir(dest.parent, shared_volumes) as parent_fd:
+        try:
+            dest_fd = fsutil.open_checked_dir(dest, create_mode=0o711, what="render directory")
+        except fsutil.UnsafeDirectory as exc:
+            raise RenderError(exc.message) from None
+        except NotADirectoryError:
+            raise RenderError(
+                f"{dest} exists and is not a directory (format 'files' needs one)"
+            ) from None
+        del parent_fd  # checked above; ``dest`` itself was opened and checked from "/"
     try:
-        for name, data in files.items():
-            fsutil.atomic_write(gen / name, data, mode=mode, uid=owner.uid, gid=owner.gid)
-        os.symlink(gen.name, tmp_link)
-        os.replace(tmp_link, dest / _DATA)  # the one atomic switch
+        return _write_generation(dest_fd, dest, files, mode, owner)
+    finally:
+        os.close(dest_fd)
+
+
+def _write_generation(
+    dest_fd: int, dest: Path, files: Mapping[str, bytes], mode: int, owner: Owner
+) -> bool:
+    current = _current_generation(dest_fd, dest)
+    if current is not None and _generation_matches(dest_fd, current, files, mode, owner):
+        return _link_keys(dest_fd, files)
+    stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
+    gen = f"..{stamp}.{secrets.token_hex(4)}"
+    tmp_link = f".{_DATA}.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
+    os.mkdir(gen, 0o711, dir_fd=dest_fd)
+    try:
+        gen_fd = os.open(
+            gen, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dest_fd
+        )
+        try:
+            if os.fstat(gen_fd).st_uid != os.geteuid():
+                raise RenderError(f"{dest / gen} was replaced while it was written; refusing")
+            for name, data in files.items():
+                fsutil.atomic_write_at(gen_fd, name, data, mode=mode, uid=owner.uid, gid=owner.gid)
+        finally:
+            os.close(gen_fd)
+        os.symlink(gen, tmp_link, dir_fd=dest_fd)
+        os.replace(tmp_link, _DATA, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)  # the one atomic switch
     except BaseException:
-        tmp_link.unlink(missing_ok=True)
-        shutil.rmtree(gen, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_link, dir_fd=dest_fd)
+        _rmtree_at(dest_fd, gen)
         raise
-    _link_keys(dest, files)
-    _remove_old_generations(dest, keep=gen.name)
-    fsutil.fsync_dir(dest)
+    _link_keys(dest_fd, files)
+    _remove_old_generations(dest_fd, keep=gen)
+    fsutil.fsync_fd(dest_fd)
     return True
 
 
-def _ensure_dir(dest: Path) -> None:
+def _rmtree_at(dir_fd: int, name: str) -> None:
+    """Remove ``name`` under ``dir_fd`` (a directory tree or a planted symlink), never following."""
     try:
-        st = dest.lstat()
-    except FileNotFoundError:
-        dest.mkdir(mode=0o711)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
         return
-    if stat.S_ISLNK(st.st_mode):
-        raise RenderError(f"{dest} is a symlink; refusing to write through it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise RenderError(f"{dest} exists and is not a directory (format 'files' needs one)")
+    with contextlib.suppress(OSError):
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
 
 
-def _current_generation(dest: Path) -> str | None:
+def _current_generation(dest_fd: int, dest: Path) -> str | None:
     """The generation ``..data`` points to (None if there is none yet)."""
     try:
-        target = os.readlink(dest / _DATA)
+        target = os.readlink(_DATA, dir_fd=dest_fd)
     except FileNotFoundError:
         return None
     except OSError:
@@ -258,57 +388,72 @@ def _current_generation(dest: Path) -> str | None:
     return target if target.startswith("..") and "/" not in target else None
 
 
-def _link_keys(dest: Path, files: Mapping[str, bytes]) -> bool:
+def _link_keys(dest_fd: int, files: Mapping[str, bytes]) -> bool:
     """Make each ``<key>`` a symlink to ``..data/<key>``; drop links of other keys."""
     changed = False
     for name in files:
         want = f"{_DATA}/{name}"
-        link = dest / name
         try:
-            if os.readlink(link) == want:
+            if os.readlink(name, dir_fd=dest_fd) == want:
                 continue
         except OSError:  # missing, or something else in the way: replace it
             pass
-        tmp = dest / f".{name}.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
-        os.symlink(want, tmp)
+        tmp = f".{name}.{secrets.token_hex(4)}{fsutil.TEMP_SUFFIX}"
+        os.symlink(want, tmp, dir_fd=dest_fd)
         try:
-            os.replace(tmp, link)
+            os.replace(tmp, name, src_dir_fd=dest_fd, dst_dir_fd=dest_fd)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dest_fd)
             raise
         changed = True
-    for entry in os.scandir(dest):
-        if entry.name in files or entry.name.startswith("..") or not entry.is_symlink():
+    for entry in _scandir_at(dest_fd):
+        if entry in files or entry.startswith(".."):
             continue
-        if os.readlink(entry.path).startswith(f"{_DATA}/"):
-            os.unlink(entry.path)
+        try:
+            target = os.readlink(entry, dir_fd=dest_fd)
+        except OSError:
+            continue  # not a symlink
+        if target.startswith(f"{_DATA}/"):
+            os.unlink(entry, dir_fd=dest_fd)
             changed = True
     return changed
 
 
-def _remove_old_generations(dest: Path, *, keep: str | None) -> int:
+def _scandir_at(dir_fd: int) -> list[str]:
+    return os.listdir(dir_fd)
+
+
+def _remove_old_generations(dest_fd: int, *, keep: str | None) -> int:
     removed = 0
-    for entry in os.scandir(dest):
-        name = entry.name
-        stale = name.startswith("..") and name not in (_DATA, keep)
-        if stale and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
+    for name in _scandir_at(dest_fd):
+        if name.startswith("..") and name not in (_DATA, keep):
+            st = _lstat_at(dest_fd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                _rmtree_at(dest_fd, name)
+                removed += 1
     return removed
 
 
-def _generation_matches(gen: Path, files: Mapping[str, bytes], mode: int, owner: Owner) -> bool:
+def _generation_matches(
+    dest_fd: int, gen: str, files: Mapping[str, bytes], mode: int, owner: Owner
+) -> bool:
     try:
-        present = {e.name for e in os.scandir(gen)}
+        gen_fd = os.open(
+            gen, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dest_fd
+        )
     except OSError:
         return False
-    if present != set(files):
-        return False
-    for name, data in files.items():
-        path = gen / name
-        if not _same(path, path.lstat(), data, mode, owner):
+    try:
+        if set(os.listdir(gen_fd)) != set(files):
             return False
-    return True
+        for name, data in files.items():
+            st = _lstat_at(gen_fd, name)
+            if st is None or not _same(gen_fd, name, st, data, mode, owner):
+                return False
+        return True
+    finally:
+        os.close(gen_fd)
 
 
 def remove_output(dest: Path, *, files_format: bool) -> None:

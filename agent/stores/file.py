@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
+from agent import fsutil
 from agent.bounded import DEFAULT_LIMITS, Limits, TooLarge, loads_json
 from agent.errors import (
     AccessDenied,
@@ -160,6 +161,7 @@ class FileStore:
         self.watch_step_ms = watch_step_ms
         self.watch_check_interval_ms = watch_check_interval_ms
         self._secrets = self.root / "secrets"
+        self._owner_checked = False
 
     @classmethod
     def from_config(
@@ -308,6 +310,8 @@ class FileStore:
         """Run ``func`` in a worker thread and count the outcome."""
         try:
             try:
+                if not self._owner_checked:
+                    await asyncio.to_thread(self._check_ownership)
                 result = await asyncio.to_thread(func, *args, **kwargs)
             except OSError as exc:  # a safety net: the helpers translate what they expect
                 raise self._os_error(exc, operation, self.root) from None
@@ -316,6 +320,25 @@ class FileStore:
             raise
         self._count(operation, "ok")
         return result
+
+    def _check_ownership(self) -> None:
+        """The store root (and every directory above it) must be the agent's uid's or
+        root's and writable by no one else: whoever can swap it could serve a stage
+        map of their choosing (envelopes stay authenticated, but not their absence).
+
+        Checked once, before the first operation; a missing root is left to the
+        operations (an outage, not "empty").
+
+        Raises:
+            BackendUnavailable: naming the directory, its owner and mode, and the fix.
+        """
+        try:
+            os.close(fsutil.open_checked_dir(self.root, shared_ok=False, what="store directory"))
+        except fsutil.UnsafeDirectory as exc:
+            raise BackendUnavailable(exc.message) from None
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        self._owner_checked = True
 
     def _count(self, operation: str, outcome: str) -> None:
         if self.metrics is not None:

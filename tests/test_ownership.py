@@ -1,0 +1,302 @@
+"""Directories another local user could swap things in are refused (issue 12, findings 1 and 2).
+
+Run as root with a second real uid (``nobody``) playing the local attacker: it
+squats a render directory and a socket directory before the agent starts.
+Every refusal names the path, its owner and mode, and the fix. Writes are
+relative to checked directory descriptors: a generation directory swapped
+for a symlink during 200 rotations never redirects a write.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import fsutil
+from agent.audit import AuditLog
+from agent.errors import BackendUnavailable, ConfigError
+from agent.render import writer
+from agent.render.formats import RenderError
+from agent.render.writer import Owner
+from agent.sockets import prepare_socket_path
+from agent.stores.file import FileStore
+from tests.server.test_other_uid import NOBODY, _runs_as_nobody
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid"),
+]
+
+ROTATIONS = 200
+
+SWAPPER = """
+import os, sys, time
+squat, outside, stop = sys.argv[1:4]
+swaps = 0
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    try:
+        names = os.listdir(squat)
+    except OSError:
+        continue
+    for name in names:
+        if name.startswith("..") and not name.endswith(".moved"):
+            path = os.path.join(squat, name)
+            try:
+                os.rename(path, path + ".moved")
+                os.symlink(outside, path)
+                swaps += 1
+            except OSError:
+                pass
+    if not os.path.lexists(os.path.join(squat, "..data")):
+        try:
+            os.symlink(outside, os.path.join(squat, "..data"))
+        except OSError:
+            pass
+print(swaps)
+"""
+
+
+@pytest.fixture(scope="module")
+def nobody_python() -> str:
+    """A Python interpreter the nobody user may execute."""
+    for candidate in ("/usr/bin/python3", shutil.which("python3")):
+        if candidate and _runs_as_nobody(candidate):
+            return candidate
+    pytest.skip("no Python interpreter executable by nobody")
+
+
+def _as_nobody(python: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [python, *args],
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        cwd="/",
+        env={},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _mkdir_as_nobody(python: str, path: Path, mode: int = 0o755) -> None:
+    proc = _as_nobody(python, "-c", f"import os; os.mkdir({str(path)!r}, {mode})")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A root-owned sticky, world-writable directory on tmpfs (like /dev/shm itself)."""
+    base = Path(tempfile.mkdtemp(prefix="sa-own-", dir="/dev/shm"))
+    base.chmod(0o1777)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def empty_dir() -> Iterator[Path]:
+    """A root-owned 0777 directory that is not sticky: a Kubernetes emptyDir."""
+    base = Path(tempfile.mkdtemp(prefix="sa-ed-", dir="/dev/shm"))
+    base.chmod(0o777)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _all_files(directory: Path) -> list[str]:
+    return [str(Path(d) / f) for d, _, files in os.walk(directory) for f in files]
+
+
+def test_a_squatted_render_directory_is_refused_through_a_200_rotation_swap_race(
+    shm: Path, tmp_path: Path, nobody_python: str
+) -> None:
+    squat = shm / "app"
+    outside = tmp_path / "outside"  # root-owned: where the attacker wants root to write
+    outside.mkdir()
+    _mkdir_as_nobody(nobody_python, squat)
+    stop = shm / "stop"
+    swapper = _as_nobody(nobody_python, "-c", SWAPPER, str(squat), str(outside), str(stop))
+    refused: list[str] = []
+    try:
+        for i in range(ROTATIONS):
+            try:
+                writer.write_files(
+                    squat, {"password": f"pw-{i}".encode()}, mode=0o400, owner=Owner()
+                )
+            except RenderError as exc:
+                refused.append(exc.message)
+    finally:
+        stop.touch()
+        _, err = swapper.communicate(timeout=60)
+    assert swapper.returncode == 0, err.decode()
+    assert len(refused) == ROTATIONS
+    assert f"{squat} (owner nobody uid {NOBODY}, mode 0755)" in refused[0]
+    assert "Fix: chown root" in refused[0]
+    assert _all_files(outside) == []
+    assert not any(name.endswith("password") for name in _all_files(shm))
+    with pytest.raises(RenderError, match="owner nobody"):
+        writer.check_destination(squat, allow_disk=False, allowed_dirs=[], directory=True)
+
+
+def test_generation_swaps_never_redirect_a_write_in_200_rotations(
+    shm: Path, tmp_path: Path
+) -> None:
+    """A swapper with the agent's own rights (root) races every new generation directory.
+
+    Writes go through descriptors opened no-follow right after mkdir, so a
+    generation renamed away and replaced by a symlink is never written through.
+    """
+    dest = shm / "files"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stop = threading.Event()
+    swaps = 0
+
+    def swap() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            try:
+                names = os.listdir(dest)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("..2") and not name.endswith(".moved"):
+                    path = dest / name
+                    try:
+                        path.rename(str(path) + ".moved")
+                        path.symlink_to(outside)
+                        swaps += 1
+                    except OSError:
+                        pass
+
+    writer.write_files(dest, {"password": b"first"}, mode=0o400, owner=Owner())
+    thread = threading.Thread(target=swap)
+    thread.start()
+    failed = 0
+    try:
+        for i in range(ROTATIONS):
+            try:
+                writer.write_files(
+                    dest, {"password": f"pw-{i}".encode()}, mode=0o400, owner=Owner()
+                )
+            except OSError:
+                failed += 1  # ELOOP: the generation became a symlink before it was opened
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert swaps > 0, "the race never happened; the test proves nothing"
+    assert failed < ROTATIONS
+    assert _all_files(outside) == []
+
+
+def test_a_squatted_socket_directory_is_refused(shm: Path, nobody_python: str) -> None:
+    squat = shm / "sock"
+    _mkdir_as_nobody(nobody_python, squat)
+    with pytest.raises(ConfigError) as info:
+        prepare_socket_path(squat / "agent.sock")
+    message = info.value.message
+    assert f"{squat} (owner nobody uid {NOBODY}, mode 0755)" in message
+    assert "Fix:" in message and message.startswith("listen.socket:")
+    assert not (squat / "agent.sock").exists()
+
+
+def test_a_socket_directory_in_a_sticky_directory_is_created_private(shm: Path) -> None:
+    path = shm / "agent" / "agent.sock"
+    prepare_socket_path(path)
+    st = path.parent.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o711)
+
+
+def test_an_empty_dir_is_used_only_through_a_verified_subdirectory(
+    empty_dir: Path, nobody_python: str
+) -> None:
+    path = empty_dir / "secrets-agent" / "agent.sock"
+    with pytest.raises(ConfigError, match=r"listen\.shared_volume: true") as info:
+        prepare_socket_path(path)
+    assert f"{empty_dir} (owner root uid 0, mode 0777)" in info.value.message
+    assert not path.parent.exists()
+
+    prepare_socket_path(path, shared_volume=True)
+    st = path.parent.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o711)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.close()
+
+    # A subdirectory someone else made first is refused even on a shared volume.
+    other = empty_dir / "other"
+    _mkdir_as_nobody(nobody_python, other)
+    with pytest.raises(ConfigError, match=f"owner nobody uid {NOBODY}"):
+        prepare_socket_path(other / "agent.sock", shared_volume=True)
+
+
+def test_rendering_into_an_empty_dir_needs_it_named_a_shared_volume(empty_dir: Path) -> None:
+    dest = empty_dir / "app" / "password"
+    with pytest.raises(RenderError, match="writable by group or others"):
+        writer.write_file(dest, b"pw", mode=0o400, owner=Owner())
+    assert writer.write_file(dest, b"pw", mode=0o400, owner=Owner(), shared_volumes=[empty_dir])
+    assert dest.read_bytes() == b"pw"
+    assert dest.parent.stat().st_mode & 0o7777 == 0o711
+    with pytest.raises(RenderError, match="writable by group or others"):
+        writer.write_file(
+            empty_dir / "direct", b"pw", mode=0o400, owner=Owner(), shared_volumes=[empty_dir]
+        )
+
+
+def test_the_non_root_default_socket_is_not_a_predictable_tmp_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from agent.config import default_socket_path
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_socket_path() == tmp_path / ".cache" / "secrets-agent" / "agent.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert default_socket_path() == Path("/run/user/1000/secrets-agent/agent.sock")
+
+
+def test_a_squatted_audit_directory_and_store_directory_are_refused(
+    shm: Path, nobody_python: str
+) -> None:
+    squat = shm / "state"
+    _mkdir_as_nobody(nobody_python, squat)
+    with pytest.raises(ConfigError, match=f"audit directory {squat} \\(owner nobody"):
+        AuditLog(squat / "audit.log")
+
+
+async def test_a_store_directory_owned_by_another_user_is_refused(
+    shm: Path, nobody_python: str
+) -> None:
+    squat = shm / "store"
+    _mkdir_as_nobody(nobody_python, squat, 0o700)
+    store = FileStore(squat)
+    with pytest.raises(BackendUnavailable, match=f"store directory {squat} \\(owner nobody"):
+        await store.read_stages("db")
+
+
+def test_check_directory_names_path_owner_mode_and_fix(tmp_path: Path) -> None:
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o775)
+    with pytest.raises(fsutil.UnsafeDirectory) as info:
+        fsutil.check_directory(loose, loose.stat(), shared_ok=False)
+    assert info.value.message == (
+        f"directory {loose} (owner root uid 0, mode 0775) is writable by group or others: "
+        f"they could swap what the agent writes there. Fix: chmod go-w {loose}, or use a "
+        "subdirectory that the agent creates itself"
+    )
