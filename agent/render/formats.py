@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from agent.config import TemplateConfig
@@ -170,37 +171,67 @@ def render_template(text: str, secrets: Mapping[str, Secret]) -> bytes:
     """Render Jinja2 ``text`` in the sandbox; undefined names are errors.
 
     The template sees ``secrets[name]`` (a JSON object or array parsed, else
-    the text) and ``secret(name, key=None)``. Error messages are scrubbed of
-    the secrets' values: a template can use a value as a key or attribute
-    name, and Jinja would then quote it in its "undefined" message.
+    the text) and ``secret(name, key=None)``. A failure is reported by its
+    kind, the template line and the secrets the template lists, never by
+    Jinja's own message: a template can use a value as a key or attribute
+    name (``secrets['a'][secrets['a'].password]``), and Jinja would quote it.
     """
     values = {name: _parsed(s) for name, s in secrets.items()}
 
     def secret(name: str, key: str | None = None) -> Any:
         if name not in secrets:
-            raise RenderError(f"template uses secret {name!r}, which it does not list")
-        return values[name] if key is None else _key(secrets[name], key)
+            raise _TemplateFault("uses a secret it does not list in 'secrets'")
+        if key is None:
+            return values[name]
+        doc = values[name]
+        if not isinstance(doc, dict) or key not in doc:
+            raise _TemplateFault(f"asks secret {name!r} for a key it does not have")
+        return doc[key]
 
     try:
         return _ENV.from_string(text).render(secrets=values, secret=secret).encode()
-    except UndefinedError as exc:
-        message = f"undefined in template: {exc.message}"
     except TemplateSyntaxError as exc:
-        message = f"template syntax error, line {exc.lineno}: {exc.message}"
-    except TemplateError as exc:
-        message = f"template error: {type(exc).__name__}: {exc.message}"
-    except RenderError as exc:
-        message = exc.message
+        # The template text is configuration, not a value; its line is enough.
+        message = f"template syntax error, line {exc.lineno}"
     except Exception as exc:
-        # A filter failed on some value: say which kind of failure, never the value.
-        kind = type(exc)
-        name = (
-            kind.__qualname__
-            if kind.__module__ == "builtins"
-            else f"{kind.__module__}.{kind.__qualname__}"
-        )
-        message = f"template failed: {name}"
+        message = f"template {_kind(exc)}{_template_line(exc)}"
+    names = ", ".join(repr(n) for n in sorted(secrets))
+    message = f"{message} (template over secrets {names})" if names else message
     raise RenderError(scrub(message, values.values())) from None
+
+
+class _TemplateFault(Exception):
+    """A failure inside ``secret()`` whose message names no value."""
+
+
+def _kind(exc: BaseException) -> str:
+    """What went wrong, by kind only: never Jinja's text, which can quote a value."""
+    if isinstance(exc, _TemplateFault):
+        return str(exc)
+    if isinstance(exc, UndefinedError):
+        return "error: undefined name, key or attribute"
+    if isinstance(exc, SecurityError):
+        return "error: unsafe operation refused by the sandbox"
+    if isinstance(exc, TemplateError):
+        return f"error: {type(exc).__name__}"
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"failed: {name} (a type or value error in an expression or filter)"
+
+
+def _template_line(exc: BaseException) -> str:
+    """``", line N"`` of the innermost template frame in ``exc``'s traceback, if any."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f", line {line}" if line is not None else ""
 
 
 def _leaves(value: Any) -> list[str]:
@@ -213,12 +244,41 @@ def _leaves(value: Any) -> list[str]:
     return [_scalar_text(value)]
 
 
+_REDACTED = "<redacted>"
+_GRAM = 4
+
+
 def scrub(message: str, values: Iterable[Any]) -> str:
-    """``message`` with every string in ``values`` (4+ characters) replaced by ``<redacted>``."""
-    leaves = {s for v in values for s in _leaves(v) if len(s) >= 4}
-    for leaf in sorted(leaves, key=len, reverse=True):
-        message = message.replace(leaf, "<redacted>")
-    return message
+    """``message`` with every run of 4+ characters that occurs in any of ``values`` redacted,
+    and any shorter value redacted where it stands alone (between non-word characters).
+
+    "Every run": not only whole values, so a fragment of a value (a slice,
+    one character short of the whole) is redacted too.
+    """
+    leaves = {s for v in values for s in _leaves(v)}
+    grams = {
+        leaf[i : i + _GRAM] for leaf in leaves if len(leaf) >= _GRAM for i in range(len(leaf) - 3)
+    }
+    covered = [False] * len(message)
+    for i in range(len(message) - _GRAM + 1):
+        if message[i : i + _GRAM] in grams:
+            for j in range(i, i + _GRAM):
+                covered[j] = True
+    for leaf in (s for s in leaves if 0 < len(s) < _GRAM):
+        for m in re.finditer(rf"(?<!\w){re.escape(leaf)}(?!\w)", message):
+            for j in range(m.start(), m.end()):
+                covered[j] = True
+    out: list[str] = []
+    i = 0
+    while i < len(message):
+        if covered[i]:
+            while i < len(message) and covered[i]:
+                i += 1
+            out.append(_REDACTED)
+        else:
+            out.append(message[i])
+            i += 1
+    return "".join(out)
 
 
 def render(

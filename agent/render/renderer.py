@@ -324,6 +324,7 @@ class Renderer:
                 {
                     "name": t.label,
                     "destination": str(t.cfg.destination),
+                    "secrets": [sel.name for sel in t.cfg.selectors],
                     "format": t.cfg.format,
                     "renders": t.renders,
                     "last_render": t.last_render,

@@ -155,3 +155,7 @@ class AccessPolicy:
                 self._listable.clear()
             self._listable[key] = listable
         return listable
+
+    def has_grant(self, caller: Caller) -> bool:
+        """Whether any rule names this caller at all (else it sees health only)."""
+        return any(rule.matches_caller(caller) for rule in self._rules)

@@ -35,6 +35,7 @@ from agent.server.state import (
     StatusProvider,
     caller_of,
 )
+from agent.server.statusview import status_for
 from agent.types import CURRENT, Secret
 
 __all__ = [
@@ -206,17 +207,16 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def status(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/status``: versions, ages, last refresh and error per secret; no values."""
+    """``GET /v1/status``: what the caller's rules let it see (see :mod:`.statusview`)."""
     _query(request, frozenset())
     state = request.app[STATE]
-    caller = caller_of(request)
-    doc: dict[str, Any] = {
-        "ready": state.ready.is_set(),
-        "secrets": [s for s in state.cache.status() if state.policy.may_list(caller, s["name"])],
-        "audit": state.audit.status(),
-    }
-    for provider in state.status_providers:
-        doc.update(provider())
+    doc = status_for(
+        caller_of(request),
+        state.policy,
+        ready=state.ready.is_set(),
+        secrets=state.cache.status(),
+        parts=[lambda: {"audit": state.audit.status()}, *state.status_providers],
+    )
     return web.json_response(doc, headers=_NO_STORE)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -88,18 +89,31 @@ def _json(status: int, doc: object, headers: dict[str, str] | None) -> web.Respo
     )
 
 
+# An absolute path in a message: "/" not after a word character, ":" or "/"
+# (so neither "app/db" nor "http://host" matches).
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"(),;]+")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with each absolute path cut to its last component (``…/stages.json``).
+
+    Error bodies go to callers who need not know how the host is laid out.
+    """
+    return _ABS_PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
 def error_response(
     status: int, code: str, message: str, *, headers: dict[str, str] | None = None
 ) -> web.Response:
     """``{"error": {"code", "message"}}`` with ``status``."""
-    return _json(status, {"error": {"code": code, "message": message}}, headers)
+    return _json(status, {"error": {"code": code, "message": redact_paths(message)}}, headers)
 
 
 def aws_error_response(
     status: int, aws_type: str, message: str, *, headers: dict[str, str] | None = None
 ) -> web.Response:
     """``{"__type", "message"}`` with ``status``, as the AWS agent answers."""
-    return _json(status, {"__type": aws_type, "message": message}, headers)
+    return _json(status, {"__type": aws_type, "message": redact_paths(message)}, headers)
 
 
 def _headers_of(exc: AgentError) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.config import TemplateConfig
-from agent.render.formats import RenderError, render
+from agent.render.formats import RenderError, render, scrub
 from tests.render.conftest import make_secret
 
 DB = '{"username": "app", "password": "p w$\\"`x", "port": 5432}'
@@ -77,11 +77,11 @@ def test_template_with_filters() -> None:
                 "secret": None,
                 "secrets": ["db"],
             },
-            "has no attribute 'pasword'",
+            "template error: undefined name, key or attribute, line 1",
         ),
         (
             {"format": "template", "template": "{{ nope }}", "secret": None, "secrets": ["db"]},
-            "'nope' is undefined",
+            "template error: undefined name, key or attribute, line 1",
         ),
         (
             {
@@ -90,7 +90,16 @@ def test_template_with_filters() -> None:
                 "secret": None,
                 "secrets": ["db"],
             },
-            "does not list",
+            "template uses a secret it does not list in 'secrets', line 1",
+        ),
+        (
+            {
+                "format": "template",
+                "template": "x\n{{ secret('db', secrets['db'].password) }}",
+                "secret": None,
+                "secrets": ["db"],
+            },
+            "template asks secret 'db' for a key it does not have, line 2",
         ),
     ],
 )
@@ -128,7 +137,28 @@ def test_a_value_used_as_a_name_in_a_template_is_scrubbed_from_the_error() -> No
     with pytest.raises(RenderError) as info:
         _render(format="template", template=text, secret=None, secrets=["db"])
     assert "p w$" not in info.value.message
-    assert "has no attribute '<redacted>'" in info.value.message
+    assert info.value.message == (
+        "template error: undefined name, key or attribute, line 1 (template over secrets 'db')"
+    )
+
+
+def test_a_slice_of_a_value_used_as_a_key_is_not_in_the_error() -> None:
+    """Issue 12 finding 3: ``password[1:]`` as a key quoted 23 of 24 characters."""
+    value = '{"password": "Xk7#mQ2$vL9@pR4&tY6*wZ1!"}'
+    text = "{{ secrets['db'][secrets['db'].password[1:]] }}"
+    with pytest.raises(RenderError) as info:
+        _render(value, format="template", template=text, secret=None, secrets=["db"])
+    message = info.value.message
+    secret = "Xk7#mQ2$vL9@pR4&tY6*wZ1!"
+    assert not any(secret[i : i + 4] in message for i in range(len(secret) - 3)), message
+    assert "undefined name, key or attribute, line 1" in message
+
+
+def test_scrub_covers_every_fragment_of_4_or_more_and_short_values_standing_alone() -> None:
+    assert scrub("got 'k7#mQ2' and 'abc' and 'zz'", ["Xk7#mQ2$", "abc", "zz"]) == (
+        "got '<redacted>' and '<redacted>' and '<redacted>'"
+    )
+    assert scrub("line 3, secret 'app/q'", ["Xk7#mQ2$"]) == "line 3, secret 'app/q'"
 
 
 def test_files_refuses_dot_names() -> None:

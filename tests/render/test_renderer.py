@@ -171,11 +171,11 @@ async def _until(check: Any, timeout: float = 10) -> None:
                 "secret": None,
                 "secrets": ["db"],
             },
-            "undefined in template: 'dict object' has no attribute 'pasword'",
+            "template error: undefined name, key or attribute, line 1 (template over secrets 'db')",
         ),
         (
             {"format": "template", "template": "{{ nope }}", "secret": None, "secrets": ["db"]},
-            "undefined in template: 'nope' is undefined",
+            "template error: undefined name, key or attribute, line 1 (template over secrets 'db')",
         ),
         ({"secret": "missing"}, "secret 'missing' does not exist"),
     ],
