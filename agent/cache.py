@@ -392,6 +392,8 @@ class SecretCache:
                 entry.missing_since = None
                 self._confirmed(entry)
                 unchanged += 1
+            elif self.resolver.guard is not None:
+                left.append(name)  # a new map: its proof is checked one by one (stageguard)
             else:
                 wanted = entry.wanted if entry is not None else _CURRENT_ONLY
                 held = entry.versions if entry is not None else {}

@@ -349,6 +349,11 @@ class _StoreBase(_Model):
         """The parsing caps of this store."""
         return Limits(self.max_object_size, self.max_json_depth)
 
+    #: Serve stage maps that carry no proof (written before 0.x, or by another
+    #: tool). For the upgrade only: it lets a store writer without keys move
+    #: stages freely until the maps are signed (see CHANGELOG).
+    accept_unproven_stages: bool = False
+
 
 class FileStoreConfig(_StoreBase):
     type: Literal["file"]

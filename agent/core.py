@@ -10,6 +10,7 @@ from agent.keys import KeyProvider, create_provider
 from agent.metrics import Metrics
 from agent.resolver import Resolver
 from agent.retention import RetentionPolicy
+from agent.stageguard import StageGuard
 from agent.stores import WritableStore, create_store
 from agent.writer import SecretWriter
 
@@ -40,7 +41,13 @@ class Core:
             metrics=metrics,
         )
         store = create_store(config, metrics=metrics)
-        resolver = Resolver(store, datakeys, metrics=metrics)
+        guard = StageGuard(
+            store,
+            datakeys,
+            metrics=metrics,
+            accept_unproven=config.store.accept_unproven_stages,
+        )
+        resolver = Resolver(store, datakeys, metrics=metrics, guard=guard)
         return cls(config, metrics, providers, datakeys, store, resolver)
 
     def writer(self) -> SecretWriter:

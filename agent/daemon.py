@@ -70,6 +70,10 @@ class Daemon:
             arns=self.core.store if isinstance(self.core.store, ArnSource) else None,
         )
         self.state.status_providers.append(lambda: {"audit": self.audit.status()})
+        guard = self.core.resolver.guard
+        if guard is not None:
+            guard.audit = self.audit
+            self.state.status_providers.append(guard.status)
         self.state.status_providers.append(self._key_status)
         self.renderer = Renderer(
             config.templates,

@@ -82,6 +82,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.stage_maps_refused = Counter(
+            "secrets_agent_stage_maps_refused_total",
+            "Stage maps refused (no or bad proof, replayed older map), by reason; "
+            "the version in service stays.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("unproven", "mismatch", "replayed", "invalid"):
+            self.stage_maps_refused.labels(reason)
+        self.stage_maps_held_back = Gauge(
+            "secrets_agent_stage_maps_held_back",
+            "Secrets whose newest stage map is refused (the version in service stays).",
+            registry=r,
+        )
         self.envelopes_refused = Counter(
             "secrets_agent_envelopes_refused_total",
             "Envelopes refused (malformed, misplaced, tampered, undecryptable), by reason.",

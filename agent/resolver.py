@@ -15,6 +15,7 @@ from agent.errors import (
     UnsupportedEnvelope,
 )
 from agent.metrics import Metrics
+from agent.stageguard import StageGuard
 from agent.stores.base import SecretStore, StageState
 from agent.types import Secret, SecretValue, ValueType
 
@@ -40,14 +41,33 @@ def refusal_reason(exc: DecryptionError) -> str:
 class Resolver:
     """Turns (name, version id) into a decrypted :class:`Secret`."""
 
-    def __init__(self, store: SecretStore, datakeys: DataKeys, *, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: SecretStore,
+        datakeys: DataKeys,
+        *,
+        metrics: Metrics,
+        guard: StageGuard | None = None,
+    ) -> None:
         self.store = store
         self.datakeys = datakeys
         self.metrics = metrics
+        #: Checks each stage map's proof; None trusts the store (tests, plain mode).
+        self.guard = guard
 
     async def stages(self, name: str) -> StageState:
-        """The cheap version check: the stage map and its revision."""
-        return await self.store.read_stages(name)
+        """The cheap version check: the stage map and its revision.
+
+        With a guard, a map without valid proof or older than the one in
+        service is refused and the one in service returned instead.
+
+        Raises:
+            StageMapRefused: refused, and none is in service yet.
+        """
+        state = await self.store.read_stages(name)
+        if self.guard is None:
+            return state
+        return await self.guard.check(name, state)
 
     async def fetch(self, name: str, version_id: str, *, stages: tuple[str, ...] = ()) -> Secret:
         """Read one version from the store and decrypt it.

@@ -1,15 +1,25 @@
-"""The writer side: seal values into new versions and move stages."""
+"""The writer side: seal values into new versions and move stages.
+
+Every stage move carries a proof (:mod:`agent.crypto.stageproof`) made with
+the DEK of the version it moves to, so a reader can tell our moves from a
+store writer's who holds no master key. Every move goes through
+:meth:`SecretWriter._move` (``put``, ``promote``, and rotation through
+:meth:`SecretWriter.apply_stages`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.crypto import stageproof
 from agent.crypto.datakeys import DataKeys
-from agent.crypto.envelope import EnvelopeContext, dumps, seal
-from agent.errors import BadRequest, Conflict, SecretNotFound, VersionNotFound
+from agent.crypto.envelope import EnvelopeContext, dumps, parse, seal
+from agent.errors import BadRequest, Conflict, DecryptionError, SecretNotFound, VersionNotFound
 from agent.retention import RetentionPolicy, prune_quietly
 from agent.stores.base import StageState, WritableStore
 from agent.types import (
@@ -65,10 +75,53 @@ class SecretWriter:
 
     async def seal(self, name: str, version_id: str, value: bytes, value_type: ValueType) -> bytes:
         """Seal ``value`` as the envelope of ``name``/``version_id`` (no store write)."""
+        return (await self._seal(name, version_id, value, value_type))[0]
+
+    async def _seal(
+        self, name: str, version_id: str, value: bytes, value_type: ValueType
+    ) -> tuple[bytes, bytes]:
+        """The envelope and the DEK it was sealed with."""
         dek, wrapped = await self.datakeys.for_write(self.store.store_id)
         context = EnvelopeContext(name, version_id, self.store.store_id)
         env = seal(value, dek=dek, keys=wrapped, context=context, value_type=value_type)
-        return dumps(env)
+        return dumps(env), dek
+
+    async def _move(
+        self, name: str, state: StageState, stages: dict[str, str], key_version: str, dek: bytes
+    ) -> StageState:
+        """Compare-and-swap ``stages`` in, with its proof (keyed by ``key_version``'s DEK).
+
+        The sequence is one more than the map's, and at least the time in
+        microseconds, so it keeps growing even if a map lost its proof.
+        """
+        previous = 0
+        if state.proof is not None:
+            with contextlib.suppress(stageproof.StageProofError):
+                previous = stageproof.parse(state.proof).sequence
+        sequence = max(previous + 1, time.time_ns() // 1000)
+        proof = stageproof.make(
+            dek,
+            store_id=self.store.store_id,
+            secret=name,
+            sequence=sequence,
+            key_version=key_version,
+            stages=stages,
+        )
+        return await self.store.set_stages(
+            name, stages, expected_revision=state.revision, proof=proof.encode()
+        )
+
+    async def _dek_of(self, name: str, version_id: str) -> bytes:
+        """The DEK of an existing version's envelope (to key a stage move to it)."""
+        stored = await self.store.read_version(name, version_id)
+        env = parse(stored.envelope, where=f"secret {name!r} version {version_id!r}")
+        expected = EnvelopeContext(name, version_id, self.store.store_id)
+        if env.context != expected:
+            raise DecryptionError(
+                f"envelope refused: it was written for {env.context.describe()} "
+                f"but found at {expected.describe()}"
+            )
+        return await self.datakeys.unwrap(env.keys, store_id=self.store.store_id)
 
     async def put(
         self,
@@ -95,12 +148,12 @@ class SecretWriter:
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest(f"the value for {name!r} is not valid JSON") from None
         version_id = validate_version_id(version_id or str(uuid.uuid4()))
-        envelope = await self.seal(name, version_id, value, value_type)
+        envelope, dek = await self._seal(name, version_id, value, value_type)
         await self.store.write_version(name, version_id, envelope)
         state = await self._state(name)
         try:
-            new = await self.apply_stages(
-                name, promoted(state.stages, stage, version_id), expected_revision=state.revision
+            new = await self._move(
+                name, state, promoted(state.stages, stage, version_id), version_id, dek
             )
         except Conflict as exc:
             raise Conflict(
@@ -124,8 +177,9 @@ class SecretWriter:
         versions = {v for v, _ in await self.store.list_versions(name)}
         if version_id not in versions:
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
-        return await self.apply_stages(
-            name, promoted(state.stages, stage, version_id), expected_revision=state.revision
+        dek = await self._dek_of(name, version_id)
+        return await self._move(
+            name, state, promoted(state.stages, stage, version_id), version_id, dek
         )
 
     async def apply_stages(
@@ -137,12 +191,26 @@ class SecretWriter:
         PENDING and finish) goes through here, so whatever a stage move must
         carry (e.g. proof that a key holder made it) is added in one place.
 
+        The map is stored with its proof, keyed by the DEK of the version it
+        stages at CURRENT (else the first staged version in label order).
+
         Raises:
             Conflict: the map's revision is no longer ``expected_revision``;
                 nothing was written.
             VersionNotFound: a stage points at a version that does not exist.
+            DecryptionError: the key version's envelope cannot be opened.
         """
-        return await self.store.set_stages(name, stages, expected_revision=expected_revision)
+        state = await self._state(name)
+        if state.revision != expected_revision:
+            raise Conflict(
+                f"stage map of secret {name!r} changed concurrently (expected revision "
+                f"{expected_revision!r}, found {state.revision!r}); nothing was written"
+            )
+        if not stages:
+            return await self.store.set_stages(name, stages, expected_revision=expected_revision)
+        key_version = stages.get(CURRENT) or stages[min(stages)]
+        dek = await self._dek_of(name, key_version)
+        return await self._move(name, state, dict(stages), key_version, dek)
 
     async def _state(self, name: str) -> StageState:
         try:

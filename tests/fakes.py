@@ -33,6 +33,7 @@ class _MemorySecret:
     versions: dict[str, tuple[bytes, datetime]] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)
     revision: str = ""
+    proof: str | None = None
 
 
 @dataclass
@@ -98,7 +99,7 @@ class MemoryStore:
         validate_name(name)
         self._enter("read_stages")
         secret = self._secret(name)
-        return StageState(dict(secret.stages), secret.revision)
+        return StageState(dict(secret.stages), secret.revision, secret.proof)
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         validate_name(name)
@@ -141,7 +142,12 @@ class MemoryStore:
         self._notify(frozenset({name}))
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
         validate_name(name)
         for stage, version_id in stages.items():
@@ -159,9 +165,10 @@ class MemoryStore:
         if missing:
             raise VersionNotFound(f"secret {name!r} has no version {missing[0]!r}")
         secret.stages = dict(stages)
+        secret.proof = proof
         secret.revision = f"r{next(self._backend.revisions)}"
         self._notify(frozenset({name}))
-        return StageState(dict(secret.stages), secret.revision)
+        return StageState(dict(secret.stages), secret.revision, proof)
 
     async def delete_version(self, name: str, version_id: str) -> None:
         validate_name(name)

@@ -159,12 +159,13 @@ async def test_envelope_moved_into_another_version_is_refused_and_last_good_serv
                 if any("refused" in r.getMessage() for r in caplog.records):
                     break
         assert await agent.value("victim") == b"good-value"
+        # The hand-written stage map carries no proof: refused before any envelope is read.
         messages = " ".join(r.getMessage() for r in caplog.records)
-        assert "written for secret 'other'" in messages and "found at secret 'victim'" in messages
+        assert "stage map of secret 'victim' carries no proof" in messages
         assert "attacker-value" not in messages and "good-value" not in messages
         _, _, body = await agent.get("/v1/status")
-        status = {s["name"]: s for s in json.loads(body)["secrets"]}
-        assert "refused" in (status["victim"]["last_error"] or "")
+        (refusal,) = json.loads(body)["stage_maps_refused"]
+        assert (refusal["secret"], refusal["reason"]) == ("victim", "unproven")
 
 
 async def test_no_plaintext_in_store_logs_metrics_or_status(

@@ -66,6 +66,8 @@ def _print(report: ReencryptReport, targets: list[str]) -> None:
         f"{report.datakey_lookups} data-key lookups (cached after the first), wraps {wraps}; "
         f"recipients now: {', '.join(targets)}"
     )
+    if report.signed:
+        print(f"{report.signed} stage maps without proof signed as they stood")
     for failure in report.failures:
         err(f"reencrypt: {failure}")
     if report.failed > len(report.failures):

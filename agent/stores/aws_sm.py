@@ -59,6 +59,9 @@ from agent.types import (
 
 WRITTEN = "SECRETS_AGENT_WRITTEN"
 STAGED_TAG = "secrets-agent:staged"
+#: The stage map's proof (agent.crypto.stageproof): AWS keeps tags per secret,
+#: and the proof's alphabet (A-Za-z0-9 : _ . -) is one AWS tag values accept.
+PROOF_TAG = "secrets-agent:stage-proof"
 _PAD = "~"
 
 
@@ -96,6 +99,8 @@ class SecretsManagerStore:
         self.limits = limits
         self.name_prefix = name_prefix
         self.plaintext = not client_side_encryption
+        #: Labels move one call at a time (see set_stages): maps between calls are expected.
+        self.stage_moves_atomic = False
         self.metrics = metrics
         #: Real ARNs by name, as DescribeSecret and GetSecretValue give them.
         self._arns: dict[str, str] = {}
@@ -223,8 +228,12 @@ class SecretsManagerStore:
             for label in labels:
                 if label != WRITTEN:
                     stages[STAGE_ALIASES.get(label, label)] = from_token(token)
-        blob = json.dumps(stages, sort_keys=True).encode()
-        return StageState(stages, hashlib.sha256(blob).hexdigest()[:32] if stages else "")
+        proof = next(
+            (t.get("Value") for t in doc.get("Tags", []) or [] if t.get("Key") == PROOF_TAG), None
+        )
+        blob = json.dumps([stages, proof], sort_keys=True).encode()
+        revision = hashlib.sha256(blob).hexdigest()[:32] if stages else ""
+        return StageState(stages, revision, proof if stages else None)
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         kw: dict[str, Any] = {"SecretId": self._aws_name(name)}
@@ -325,8 +334,19 @@ class SecretsManagerStore:
         )
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
+        """Move the labels, then tag the secret with ``proof``.
+
+        Labels move one call at a time, so a reader can see a map between two
+        calls, or the new map before its proof: such maps carry no valid proof
+        and are held back (``stage_moves_atomic = False``) until it lands.
+        """
         self._writable()
         stages = check_stage_map(stages)
         current = await self.read_stages(name)
@@ -345,6 +365,13 @@ class SecretsManagerStore:
         order = sorted(set(stages) | set(current.stages), key=lambda s: s != "CURRENT")
         for stage in order:
             await self._move(name, stage, actual.get(_aws_label(stage)), stages.get(stage))
+        if proof is not None:
+            await self._call(
+                "set_stages",
+                "tag_resource",
+                SecretId=self._aws_name(name),
+                Tags=[{"Key": PROOF_TAG, "Value": proof}],
+            )
         if self._unstaged(doc):
             await self._call(
                 "set_stages", "untag_resource", SecretId=self._aws_name(name), TagKeys=[STAGED_TAG]

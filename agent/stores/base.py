@@ -59,11 +59,14 @@ def check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
 class StageState:
     """A secret's stage map and the revision that identifies it.
 
-    ``revision == ""`` means the secret has no stage map yet.
+    ``revision == ""`` means the secret has no stage map yet. ``proof`` is the
+    writer's proof for the map (:mod:`agent.crypto.stageproof`), None if it
+    carries none; the revision changes with the proof too.
     """
 
     stages: Mapping[str, str]
     revision: str
+    proof: str | None = None
     #: A cheaper change marker than ``revision``, where the store has one (the
     #: file store: inode, mtime, ctime and size of ``stages.json``), else None.
     marker: object = field(default=None, compare=False)
@@ -136,9 +139,15 @@ class WritableStore(SecretStore, Protocol):
         ...
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
-        """Replace the stage map atomically if its revision is still ``expected_revision``.
+        """Replace the stage map (and its ``proof``) atomically if its revision is still
+        ``expected_revision``.
 
         Raises:
             Conflict: someone else changed the map first; nothing was written.

@@ -50,6 +50,7 @@ from aetcd.utils import prefix_range_end
 
 from agent.bounded import DEFAULT_LIMITS, Limits, loads_json
 from agent.config import AgentConfig, EtcdStoreConfig, read_secret_ref
+from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
     AccessDenied,
     AgentError,
@@ -342,7 +343,9 @@ class EtcdStore:
         async def go() -> StageState:
             got = await self._client.get(self._key(name, "stages"))
             if got is not None:
-                return StageState(_stages(got.value, name, self.limits), str(got.mod_revision))
+                stages = _stages(got.value, name, self.limits)
+                proof = stages.pop(PROOF_KEY, None)
+                return StageState(stages, str(got.mod_revision), proof)
             versions, _ = await self._client.count(self._key(name, "versions", ""))
             if not versions:
                 raise SecretNotFound(f"secret {name!r} does not exist")
@@ -429,7 +432,12 @@ class EtcdStore:
         await self._call("replace_envelope", go)
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
         check_name(name)
         stages = check_stage_map(stages)
@@ -446,7 +454,8 @@ class EtcdStore:
                 f"revision {expected_revision!r} is not an etcd revision)"
             )
         compare = [guard, *(tx.version(vk) > 0 for vk in sorted(version_keys))]
-        body = json.dumps(dict(sorted(stages.items())), separators=(",", ":")).encode()
+        doc = {**stages, PROOF_KEY: proof} if proof is not None else dict(stages)
+        body = json.dumps(dict(sorted(doc.items())), separators=(",", ":")).encode()
 
         async def go() -> StageState:
             if not stages:
@@ -457,7 +466,7 @@ class EtcdStore:
             if not ok:
                 await self._explain_failed_move(name, stages, expected_revision)
             revision = responses[0].response_put.header.revision
-            return StageState(dict(stages), str(revision))
+            return StageState(dict(stages), str(revision), proof)
 
         return await self._call("set_stages", go)
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from agent import fsutil
 from agent.bounded import DEFAULT_LIMITS, Limits, TooLarge, loads_json
+from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
     AccessDenied,
     AgentError,
@@ -217,12 +218,19 @@ class FileStore:
         )
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
         """Replace ``stages.json`` under the secret's lock if the revision still matches."""
         check_name(name)
         stages = check_stage_map(stages)
-        return await self._run("set_stages", self._set_stages, name, stages, expected_revision)
+        return await self._run(
+            "set_stages", self._set_stages, name, stages, expected_revision, proof
+        )
 
     async def delete_version(self, name: str, version_id: str) -> None:
         """Unlink one unstaged version file, under the secret's lock."""
@@ -438,7 +446,8 @@ class FileStore:
             return StageState({}, "")
         data, st = found
         stages = _parse_stages(data, what, self.limits)
-        return StageState(stages, _revision(data), _marker(st))
+        proof = stages.pop(PROOF_KEY, None)
+        return StageState(stages, _revision(data), proof, _marker(st))
 
     def _read_file(
         self, path: Path, what: str, too_large: type[AgentError]
@@ -517,7 +526,9 @@ class FileStore:
         except OSError as exc:
             raise self._os_error(exc, what, path) from None
 
-    def _set_stages(self, name: str, stages: dict[str, str], expected_revision: str) -> StageState:
+    def _set_stages(
+        self, name: str, stages: dict[str, str], expected_revision: str, proof: str | None
+    ) -> StageState:
         paths = self._existing(name)
         what = f"stage map of secret {name!r}"
         try:
@@ -534,9 +545,10 @@ class FileStore:
                             f"stage {stage} of secret {name!r} points at "
                             f"version {version_id!r}, which does not exist"
                         )
-                data = json.dumps(stages, sort_keys=True).encode() + b"\n"
+                doc = {**stages, PROOF_KEY: proof} if proof is not None else stages
+                data = json.dumps(doc, sort_keys=True).encode() + b"\n"
                 atomic_write(paths.stages, data, mode=_FILE_MODE)
-                return StageState(stages, _revision(data))
+                return StageState(stages, _revision(data), proof)
         except OSError as exc:
             raise self._os_error(exc, what, paths.stages) from None
 

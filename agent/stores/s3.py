@@ -23,6 +23,7 @@ from typing import Any
 from agent.aws import AwsClient, error_code, map_error
 from agent.bounded import DEFAULT_LIMITS, Limits, TooLarge, check_size, loads_json
 from agent.config import AgentConfig, S3StoreConfig
+from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
     AgentError,
     BackendUnavailable,
@@ -69,7 +70,7 @@ class S3Store:
         self.store_id = store_id
         self.metrics = metrics
         self._aws = AwsClient("s3", region=region, endpoint_url=endpoint_url, timeout=timeout)
-        self._stages_cache: dict[str, tuple[str, dict[str, str]]] = {}
+        self._stages_cache: dict[str, tuple[str, dict[str, str], str | None]] = {}
 
     @classmethod
     def from_config(cls, cfg: S3StoreConfig, *, config: AgentConfig, metrics: Metrics) -> S3Store:
@@ -146,13 +147,14 @@ class S3Store:
             return StageState({}, "")
         except Exception as exc:
             if error_code(exc) == "304" and cached is not None:
-                return StageState(dict(cached[1]), cached[0])  # unchanged: no body sent
+                return StageState(dict(cached[1]), cached[0], cached[2])  # unchanged: no body
             raise
         what = f"stage map of secret {name!r} in S3"
         data = await _read_body(obj, self.limits, what, MalformedStoreData)
         stages = _parse_stages(data, what, self.limits)
-        self._stages_cache[name] = (obj["ETag"], stages)
-        return StageState(dict(stages), obj["ETag"])
+        proof = stages.pop(PROOF_KEY, None)
+        self._stages_cache[name] = (obj["ETag"], stages, proof)
+        return StageState(dict(stages), obj["ETag"], proof)
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         check_name(name)
@@ -236,7 +238,12 @@ class S3Store:
             raise
 
     async def set_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        proof: str | None = None,
     ) -> StageState:
         check_name(name)
         stages = check_stage_map(stages)
@@ -252,7 +259,8 @@ class S3Store:
                 )
             except NotFound:
                 raise VersionNotFound(f"secret {name!r} has no version {vid!r}") from None
-        body = json.dumps(dict(sorted(stages.items())), separators=(",", ":")).encode()
+        doc = {**stages, PROOF_KEY: proof} if proof is not None else dict(stages)
+        body = json.dumps(dict(sorted(doc.items())), separators=(",", ":")).encode()
         condition = (
             {"IfNoneMatch": "*"} if expected_revision == "" else {"IfMatch": expected_revision}
         )
@@ -272,7 +280,7 @@ class S3Store:
                     f"{expected_revision or 'none'}); nothing was written"
                 ) from None
             raise
-        return StageState(dict(stages), result["ETag"])
+        return StageState(dict(stages), result["ETag"], proof)
 
     async def delete_version(self, name: str, version_id: str) -> None:
         """Delete one unstaged version.

@@ -1,0 +1,243 @@
+"""Authenticated stage moves, on the directory store and on a real etcd.
+
+A store writer without master keys (here: the test, writing the store
+directly) tries a hand-edited rollback, a stage map copied from another
+secret and a replayed old stage map: each is refused, the newer version stays
+in service, and the refusal is logged, audited, counted and shown in status.
+``promote`` of an older version (a rollback made with a key) is served, and
+concurrent writers still converge on one proven map.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from agent.cache import SecretCache
+from agent.core import Core
+from agent.crypto import stageproof
+from agent.errors import Conflict
+from agent.metrics import Metrics
+from agent.reencrypt import Reencryptor
+from agent.stageguard import StageGuard, StageMapRefused
+from tests.agentenv import AgentEnv
+
+pytestmark = pytest.mark.integration
+
+
+class Recorder:
+    """An Auditor that keeps records in memory."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, event: str, **fields: Any) -> None:
+        self.records.append({"event": event, **fields})
+
+
+@pytest.fixture(params=["file", "etcd"])
+async def core(request: pytest.FixtureRequest, env: AgentEnv) -> AsyncIterator[Core]:
+    if request.param == "etcd":
+        server = request.getfixturevalue("etcd_server")
+        env.configure(
+            store={
+                "type": "etcd",
+                "endpoints": [server.endpoint],
+                "prefix": f"/proof-{uuid.uuid4().hex[:8]}",
+                "timeout": "5s",
+            }
+        )
+    built = Core.build(env.config())
+    try:
+        yield built
+    finally:
+        await built.aclose()
+
+
+def _cache(core: Core) -> tuple[SecretCache, Recorder]:
+    recorder = Recorder()
+    assert core.resolver.guard is not None
+    core.resolver.guard.audit = recorder
+    cache = SecretCache(core.resolver, settings=core.config.refresh, metrics=core.metrics)
+    return cache, recorder
+
+
+async def _served(cache: SecretCache, name: str) -> bytes:
+    await cache.refresh(name)
+    return (await cache.get(name)).secret.value.reveal()
+
+
+def _refused(core: Core, reason: str) -> float:
+    value = core.metrics.registry.get_sample_value(
+        "secrets_agent_stage_maps_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def _status(core: Core) -> list[dict[str, Any]]:
+    assert core.resolver.guard is not None
+    entries: list[dict[str, Any]] = core.resolver.guard.status()["stage_maps_refused"]
+    return entries
+
+
+async def test_a_hand_edited_rollback_is_refused_and_the_newer_version_stays(
+    core: Core, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = core.writer()
+    v1 = (await writer.put("db", b"revoked-password")).version_id
+    v2 = (await writer.put("db", b"new-password")).version_id
+    cache, recorder = _cache(core)
+    assert await _served(cache, "db") == b"new-password"
+
+    state = await core.store.read_stages("db")
+    # The attacker keeps the genuine proof and swaps CURRENT and PREVIOUS.
+    await core.store.set_stages(
+        "db", {"CURRENT": v1, "PREVIOUS": v2}, expected_revision=state.revision, proof=state.proof
+    )
+    with caplog.at_level(logging.WARNING, logger="agent.stageguard"):
+        assert await _served(cache, "db") == b"new-password"
+        assert await _served(cache, "db") == b"new-password"  # still, and logged once
+    assert _refused(core, "mismatch") == 1
+    assert [r["event"] for r in recorder.records] == ["stage_map_refused"]
+    (entry,) = _status(core)
+    assert entry["secret"] == "db" and entry["serving_version"] == v2
+    assert len([r for r in caplog.records if "does not match its proof" in r.message]) == 1
+
+    # Dropping the proof altogether is refused too.
+    state = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", {"CURRENT": v1, "PREVIOUS": v2}, expected_revision=state.revision
+    )
+    assert await _served(cache, "db") == b"new-password"
+    assert _refused(core, "unproven") == 1
+
+
+async def test_a_stage_map_copied_from_another_secret_is_refused(core: Core) -> None:
+    writer = core.writer()
+    await writer.put("app/a", b"a1")
+    await writer.put("app/a", b"a2")
+    b1 = (await writer.put("app/b", b"b1")).version_id
+    b2 = (await writer.put("app/b", b"b2")).version_id
+    cache, _ = _cache(core)
+    assert await _served(cache, "app/a") == b"a2"
+
+    # Copy b's versions (their envelopes) and b's proven stage map into a.
+    for vid in (b1, b2):
+        stored = await core.store.read_version("app/b", vid)
+        await core.store.write_version("app/a", vid, stored.envelope)
+    b_state = await core.store.read_stages("app/b")
+    a_state = await core.store.read_stages("app/a")
+    await core.store.set_stages(
+        "app/a", b_state.stages, expected_revision=a_state.revision, proof=b_state.proof
+    )
+    assert await _served(cache, "app/a") == b"a2"
+    # The proof's key version holds an envelope sealed for app/b: refused before any MAC.
+    assert _refused(core, "invalid") == 1
+    (entry,) = _status(core)
+    assert "cannot be opened" in entry["message"]
+
+
+async def test_a_replayed_old_stage_map_is_refused(core: Core) -> None:
+    writer = core.writer()
+    await writer.put("db", b"one")
+    old = await core.store.read_stages("db")
+    await writer.put("db", b"two")
+    cache, recorder = _cache(core)
+    assert await _served(cache, "db") == b"two"
+
+    current = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", old.stages, expected_revision=current.revision, proof=old.proof
+    )
+    assert await _served(cache, "db") == b"two"
+    assert _refused(core, "replayed") == 1
+    assert recorder.records[0]["reason"].startswith("stage map of secret 'db' is older")
+
+
+async def test_promote_of_an_older_version_is_an_authenticated_rollback_and_is_served(
+    core: Core,
+) -> None:
+    writer = core.writer()
+    v1 = (await writer.put("db", b"one")).version_id
+    await writer.put("db", b"two")
+    cache, recorder = _cache(core)
+    assert await _served(cache, "db") == b"two"
+    await writer.promote("db", "CURRENT", v1)
+    assert await _served(cache, "db") == b"one"
+    assert recorder.records == [] and _status(core) == []
+
+
+async def test_a_map_refused_before_anything_is_in_service_is_not_served(core: Core) -> None:
+    writer = core.writer()
+    v1 = (await writer.put("db", b"one")).version_id
+    await writer.put("db", b"two")
+    state = await core.store.read_stages("db")
+    await core.store.set_stages("db", {"CURRENT": v1}, expected_revision=state.revision)
+    cache, _ = _cache(core)
+    with pytest.raises(StageMapRefused, match="carries no proof"):
+        await cache.get("db")
+
+
+async def test_concurrent_writers_converge_on_one_proven_map(core: Core) -> None:
+    writers = [core.writer() for _ in range(4)]
+    await writers[0].put("db", b"seed")
+
+    async def rotate(i: int) -> None:
+        for j in range(3):
+            for _attempt in range(50):
+                vid = f"w{i}-{j}-{uuid.uuid4().hex[:6]}"
+                try:
+                    await writers[i].put("db", f"{i}-{j}".encode(), version_id=vid)
+                    break
+                except Conflict:
+                    # Written but not staged: stage it (another CAS, retried).
+                    try:
+                        await writers[i].promote("db", "CURRENT", vid)
+                        break
+                    except Conflict:
+                        await asyncio.sleep(0.001 * (i + 1))
+
+    await asyncio.gather(*(rotate(i) for i in range(4)))
+    state = await core.store.read_stages("db")
+    assert state.proof is not None
+    proof = stageproof.parse(state.proof)
+    assert proof.key_version == state.stages["CURRENT"]
+    cache, recorder = _cache(core)
+    stored = await core.resolver.fetch("db", state.stages["CURRENT"])
+    assert await _served(cache, "db") == stored.value.reveal()
+    assert recorder.records == []
+
+
+async def test_upgrade_unproven_maps_are_refused_until_signed_or_explicitly_accepted(
+    core: Core,
+) -> None:
+    """An old store's maps carry no proof: refused by default, accepted with
+    ``store.accept_unproven_stages``, and signed by ``reencrypt``."""
+    writer = core.writer()
+    vid = (await writer.put("db", b"old-store")).version_id
+    state = await core.store.read_stages("db")
+    await core.store.set_stages("db", {"CURRENT": vid}, expected_revision=state.revision)
+    cache, _ = _cache(core)
+    with pytest.raises(StageMapRefused, match="accept_unproven_stages"):
+        await cache.get("db")
+
+    lenient = StageGuard(core.store, core.datakeys, metrics=Metrics(), accept_unproven=True)
+    assert (await lenient.check("db", await core.store.read_stages("db"))).stages == {
+        "CURRENT": vid
+    }
+
+    report = await Reencryptor(core, list(core.config.write_keys)).run(["db"])
+    assert report.signed == 1
+    signed = await core.store.read_stages("db")
+    assert signed.stages == {"CURRENT": vid} and signed.proof is not None
+    fresh, _ = _cache(core)
+    assert await _served(fresh, "db") == b"old-store"
+    # Once a map had a proof, an unproven one is refused even by the lenient guard.
+    assert await lenient.check("db", signed) == signed
+    await core.store.set_stages("db", {"CURRENT": vid}, expected_revision=signed.revision)
+    assert await lenient.check("db", await core.store.read_stages("db")) == signed
