@@ -89,9 +89,9 @@ def _json(status: int, doc: object, headers: dict[str, str] | None) -> web.Respo
     )
 
 
-# An absolute path in a message: "/" not after a word character, ":" or "/"
-# (so neither "app/db" nor "http://host" matches).
-_ABS_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"(),;]+")
+# An absolute path of two or more components at the start of a message or after
+# a space, quote, "(" or "=" (so neither "app/db", "http://host" nor "</x>" matches).
+_ABS_PATH = re.compile(r"(?<![^\s'\"(=])/[^\s/'\"(),;<>]+(?:/[^\s/'\"(),;<>]*)+")
 
 
 def redact_paths(message: str) -> str:
