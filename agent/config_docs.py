@@ -34,8 +34,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 #: Defaults that depend on the machine (uid, environment), written as rules.
 DEFAULTS = {
-    "listen.socket": "`$XDG_RUNTIME_DIR/secrets-agent/agent.sock`; as root "
-    "`/run/secrets-agent/agent.sock`; else `/tmp/secrets-agent-<uid>/agent.sock`",
+    "listen.socket": "as root `/run/secrets-agent/agent.sock`; else "
+    "`$XDG_RUNTIME_DIR/secrets-agent/agent.sock`; else `~/.cache/secrets-agent/agent.sock` "
+    "(never a predictable path under `/tmp`)",
     "access": "`[{secrets: ['*'], uids: [<the agent's uid>]}]`",
     "keys": "`{local: {type: local}}`",
     "store": "`{type: file}`",
@@ -45,8 +46,14 @@ DEFAULTS = {
 #: ``[]`` for an item of a list). A field's own ``description`` wins.
 DESCRIPTIONS = {
     "listen": "The API's listeners.",
-    "listen.socket": "The HTTP API's Unix socket. Its directory is created `0711`; a stale "
-    "socket is removed; another live agent on the path is an error. At most 107 bytes.",
+    "listen.socket": "The HTTP API's Unix socket. Its directory is created `0711`; it and "
+    "every directory above it must be owned by the agent's uid or root and writable by no one "
+    "else (sticky parents such as `/tmp` excepted); a refusal names the path, owner, mode and "
+    "fix. A stale socket is removed; another live agent on the path is an error. At most "
+    "107 bytes.",
+    "listen.shared_volume": "The socket directory's parent is a volume shared within one "
+    "trust boundary (a pod's `emptyDir`, mode 0777): the agent creates the socket directory "
+    "there (`0711`) and verifies it owns it (see security.md, Directories).",
     "listen.socket_mode": "Mode set right after bind (the socket is created `0600` first).",
     "listen.socket_group": "Group (name or gid) given the socket.",
     "listen.max_connections": "Requests in flight on the socket; beyond it, 429.",
@@ -88,6 +95,8 @@ DESCRIPTIONS = {
     "datakeys.max_messages": "A writer reuses one data key for this many envelopes (or `max_age`).",
     "store": "Where envelopes live. See [stores.md](stores.md).",
     "store.type": "`file`, `etcd`, `aws-secretsmanager` or `s3`.",
+    "store.accept_unproven_stages": "Serve stage maps without proof (written before proofs "
+    "existed). For the upgrade only: see envelope-format.md, Stage maps and their proof.",
     "store.id": "Logical store id, bound into every envelope's context and wrap context; "
     "keep it when migrating a store.",
     "store.path": "Directory of the file store.",
@@ -163,6 +172,9 @@ DESCRIPTIONS = {
     "templates[].wait.max": "... but never more than this after the first.",
     "render": "Rendering-wide settings.",
     "render.allowed_dirs": "If non-empty, every destination must be under one of these.",
+    "render.shared_volumes": "Volumes shared within one trust boundary (a pod's `emptyDir`): "
+    "a destination's directory directly inside one is created `0711` and verified by the "
+    "agent; nothing is written in the volume itself.",
     "render.cleanup_on_exit": "Remove rendered files on graceful shutdown.",
     "rotation": "Scheduled rotations.",
     "rotation[].secret": "The secret rotated.",
