@@ -300,3 +300,44 @@ def test_check_directory_names_path_owner_mode_and_fix(tmp_path: Path) -> None:
         f"they could swap what the agent writes there. Fix: chmod go-w {loose}, or use a "
         "subdirectory that the agent creates itself"
     )
+
+
+IMPOSTOR = """
+import os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chmod(path, 0o666)
+s.listen(4)
+print("ready", flush=True)
+for _ in range(2):
+    conn, _ = s.accept()
+    try:
+        if conn.recv(65536):
+            body = b"attacker-value"
+            conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\\r\\n\\r\\n" + body)
+    except OSError:
+        pass
+    conn.close()
+"""
+
+
+def test_the_client_refuses_a_socket_served_by_another_uid(shm: Path, nobody_python: str) -> None:
+    """Finding 2's end: nobody's impostor socket is refused by an app that names the agent's uid."""
+    from agent.client import SecretsClient
+    from agent.client.sync import ImpostorError
+
+    home = shm / "imp"
+    _mkdir_as_nobody(nobody_python, home)
+    path = home / "agent.sock"
+    impostor = _as_nobody(nobody_python, "-c", IMPOSTOR, str(path))
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == b"ready\n"
+        with pytest.raises(ImpostorError, match=f"served by uid {NOBODY}, not the agent's uid 0"):
+            SecretsClient(path, server_uid=0).get("app/db")
+        # Without the expectation the client would have believed it.
+        assert SecretsClient(path).get("app/db") == "attacker-value"
+    finally:
+        impostor.kill()
+        impostor.communicate(timeout=30)

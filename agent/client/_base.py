@@ -79,7 +79,8 @@ def default_socket_path() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
         return Path(xdg) / "secrets-agent" / "agent.sock"
-    return Path(f"/tmp/secrets-agent-{os.getuid()}") / "agent.sock"  # noqa: S108
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "secrets-agent" / "agent.sock"
 
 
 def resolve_socket(path: str | os.PathLike[str] | None = None) -> Path:

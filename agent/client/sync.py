@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from agent.client._base import (
     LIST_CALL,
     STATUS_CALL,
     Call,
+    ClientError,
     Endpoint,
     T,
     bytes_call,
@@ -23,19 +25,38 @@ from agent.client._base import (
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(self, path: Path, timeout: float, server_uid: int | None = None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
+        self._server_uid = server_uid
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self._path))
-        except OSError:
+            if self._server_uid is not None:
+                _check_server(sock, self._path, self._server_uid)
+        except BaseException:
             sock.close()
             raise
         self.sock = sock
+
+
+class ImpostorError(ClientError):
+    """The socket is served by another uid than the expected agent's."""
+
+
+def _check_server(sock: socket.socket, path: Path, expected: int) -> None:
+    """Refuse a server whose uid (SO_PEERCRED) is not ``expected``."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid != expected:
+        raise ImpostorError(
+            f"the socket {path} is served by uid {uid}, not the agent's uid {expected}; "
+            "refusing to talk to it",
+            code="impostor",
+        )
 
 
 class SecretsClient:
@@ -48,9 +69,16 @@ class SecretsClient:
         base_url: str | None = None,
         token: str | None = None,
         timeout: float = 5.0,
+        server_uid: int | None = None,
     ) -> None:
+        """``server_uid`` (else ``$SECRETS_AGENT_SERVER_UID``): refuse a socket served
+        by any other uid (SO_PEERCRED), e.g. one swapped in by another user."""
         self.timeout = timeout
         self._endpoint = Endpoint.of(socket_path, base_url=base_url, token=token)
+        env_uid = os.environ.get("SECRETS_AGENT_SERVER_UID", "")
+        if server_uid is None and env_uid.isdigit():
+            server_uid = int(env_uid)
+        self.server_uid = server_uid
         self.base_url = self._endpoint.base_url
         self.socket_path = self._endpoint.socket_path
 
@@ -66,7 +94,7 @@ class SecretsClient:
         if self._endpoint.tcp is not None:
             return http.client.HTTPConnection(*self._endpoint.tcp, timeout=self.timeout)
         assert self.socket_path is not None
-        return _UnixConnection(self.socket_path, self.timeout)
+        return _UnixConnection(self.socket_path, self.timeout, self.server_uid)
 
     def request(self, path: str) -> tuple[int, dict[str, str], bytes]:
         """GET ``path``; return status, headers and body (UnavailableError if unreachable)."""
