@@ -241,3 +241,89 @@ async def test_upgrade_unproven_maps_are_refused_until_signed_or_explicitly_acce
     assert await lenient.check("db", signed) == signed
     await core.store.set_stages("db", {"CURRENT": vid}, expected_revision=signed.revision)
     assert await lenient.check("db", await core.store.read_stages("db")) == signed
+
+
+def _store_config(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    if kind == "etcd":
+        server = request.getfixturevalue("etcd_server")
+        return {"type": "etcd", "endpoints": [server.endpoint], "prefix": f"/p-{tag}"}
+    moto = request.getfixturevalue("moto_server")
+    if kind == "s3":
+        import boto3
+
+        bucket = f"proof-{tag}"
+        boto3.client("s3", region_name="us-east-1", endpoint_url=moto.endpoint_url).create_bucket(
+            Bucket=bucket
+        )
+        return {
+            "type": "s3",
+            "bucket": bucket,
+            "region": "us-east-1",
+            "endpoint_url": moto.endpoint_url,
+        }
+    if kind == "aws-secretsmanager":
+        return {
+            "type": "aws-secretsmanager",
+            "region": "us-east-1",
+            "endpoint_url": moto.endpoint_url,
+            "name_prefix": f"proof-{tag}/",
+        }
+    return {"type": "file", "path": "./store"}
+
+
+@pytest.mark.parametrize("kind", ["file", "etcd", "s3", "aws-secretsmanager"])
+async def test_every_store_keeps_the_proof_and_a_replayed_map_is_refused(
+    kind: str, env: AgentEnv, request: pytest.FixtureRequest
+) -> None:
+    """All four stores carry the proof (AWS in a tag); a replay is refused, a promote served."""
+    env.configure(store=_store_config(kind, request))
+    core = Core.build(env.config())
+    try:
+        writer = core.writer()
+        v1 = (await writer.put("db", b"one")).version_id
+        old = await core.store.read_stages("db")
+        await writer.put("db", b"two")
+        cache, recorder = _cache(core)
+        assert await _served(cache, "db") == b"two"
+        assert old.proof is not None and stageproof.parse(old.proof).key_version == v1
+
+        if kind == "aws-secretsmanager":
+            _aws_replay(core, request, v1, old.proof)
+        else:
+            current = await core.store.read_stages("db")
+            await core.store.set_stages(
+                "db", old.stages, expected_revision=current.revision, proof=old.proof
+            )
+        # Twice: AWS label moves are not atomic, so a bad map is reported at its second sight.
+        assert await _served(cache, "db") == b"two"
+        assert await _served(cache, "db") == b"two"
+        reasons = ("replayed", "mismatch")
+        assert sum(_refused(core, r) for r in reasons) == 1
+        assert [r["event"] for r in recorder.records] == ["stage_map_refused"]
+
+        await writer.promote("db", "CURRENT", v1)
+        assert await _served(cache, "db") == b"one"
+        assert _status(core) == []
+    finally:
+        await core.aclose()
+
+
+def _aws_replay(core: Core, request: pytest.FixtureRequest, v1: str, proof: str) -> None:
+    """As a writer with IAM rights but no key would: move AWSCURRENT back, put the old tag."""
+    import boto3
+
+    from agent.stores.aws_sm import PROOF_TAG, to_token
+
+    moto = request.getfixturevalue("moto_server")
+    sm = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto.endpoint_url)
+    secret_id = f"{core.config.store.name_prefix}db"  # type: ignore[union-attr]
+    labels = sm.describe_secret(SecretId=secret_id)["VersionIdsToStages"]
+    current = next(t for t, ls in labels.items() if "AWSCURRENT" in ls)
+    sm.update_secret_version_stage(
+        SecretId=secret_id,
+        VersionStage="AWSCURRENT",
+        MoveToVersionId=to_token(v1),
+        RemoveFromVersionId=current,
+    )
+    sm.tag_resource(SecretId=secret_id, Tags=[{"Key": PROOF_TAG, "Value": proof}])
