@@ -155,10 +155,16 @@ def test_compose_services_commands_run_here(
         header = (EXAMPLES / "docker-compose.yml").read_text()
         rotate = re.search(r"sh -c '(.+)'", header)
         assert rotate is not None
-        proc = subprocess.run(
-            ["sh", "-c", rotate.group(1)], env=env_of("setup"), capture_output=True, timeout=60
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
+        errors = []
+        for _ in range(3):  # a loaded machine can time out one etcd call (5s); not the point here
+            proc = subprocess.run(
+                ["sh", "-c", rotate.group(1)], env=env_of("setup"), capture_output=True, timeout=60
+            )
+            if proc.returncode == 0:
+                break
+            errors.append(proc.stderr.decode())
+            time.sleep(1)
+        assert proc.returncode == 0, errors
         deadline = time.monotonic() + 30
         while True:
             now = subprocess.run(app, env=app_env, capture_output=True, text=True, timeout=60)
