@@ -223,6 +223,17 @@ class FileLock:
 
     The lock file is created with ``mode`` if missing and is never removed:
     unlinking it while another process waits on it would let two holders in.
+
+    Kept instead of the ``filelock`` package (issue 15), on reasoning: its
+    crash semantics are the same (both use ``flock``, which the kernel drops
+    when the holder dies), but its blocking ``acquire`` polls ``LOCK_NB``
+    every ``poll_interval`` (50 ms by default) instead of sleeping in the
+    kernel's queue. Stage moves are short and contended when several agents
+    rotate at once, and the propagation target is under 100 ms p99, so a
+    50 ms poll step would cost a visible share of it; the kernel also wakes
+    a waiter at once. Its async lock runs in a thread like this one, and its
+    reentrancy (a count per object) is a feature we do not want: a second
+    acquire here is a bug and raises.
     """
 
     def __init__(self, path: Path, *, mode: int = 0o600) -> None:
