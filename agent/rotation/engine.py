@@ -129,7 +129,7 @@ class RotationEngine:
         if pending is None and cur == token:
             first = None
         elif pending == token:
-            first = self._resume_step(name, token)
+            first = self._resume_step(name, token) if await self._exists(name, token) else "create"
         else:
             first = "create"
         return RotationPlan(name, token, first, cur, pending, resumed)
@@ -165,7 +165,9 @@ class RotationEngine:
         current = await self._current(name, state)
         ran: list[str] = []
         run = _Run(self, name, token, label, rotator, params, current)
-        if state.version_for(PENDING) != token:
+        if state.version_for(PENDING) != token or not await self._exists(name, token):
+            # (A PENDING whose version is gone, deleted by hand or lost in a
+            # restore, is made again: step 1 with the same token.)
             if await self._superseded(name, token, state):
                 return RotationResult(name, token, "superseded")
             ran.append("create")
@@ -269,6 +271,13 @@ class RotationEngine:
 
     async def _pending(self, name: str, token: str) -> SecretValue:
         return (await self.resolver.fetch(name, token, stages=(PENDING,))).value
+
+    async def _exists(self, name: str, token: str) -> bool:
+        try:
+            await self.writer.store.read_version(name, token)
+        except NotFound:
+            return False
+        return True
 
     async def _superseded(self, name: str, token: str, state: StageState) -> bool:
         """True when version ``token`` exists, unstaged, and is older than CURRENT.

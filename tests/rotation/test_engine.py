@@ -138,6 +138,29 @@ async def test_a_pending_left_behind_is_resumed_not_duplicated() -> None:
     assert "tok-new" not in {v for v, _ in await world.store.list_versions("app/pw")}
 
 
+async def test_a_pending_whose_version_file_is_gone_is_created_again_and_finished() -> None:
+    """Found by acceptance testing: PENDING pointed at a version deleted by hand
+    (or lost with a store restored from backup), and every attempt, scheduled or
+    ``rotate``, failed with "version ... does not exist" for ever."""
+    world = World()
+    old = await world.put("app/pw", b"old")
+    crashed = ScriptedRotator(b"first")
+    crashed.fail["set"] = RotationFailed("crash")
+    engine = world.engine()
+    with pytest.raises(RotationFailed):
+        await engine.rotate("app/pw", crashed, token="tok-1")
+    del world.store._backend.secrets["app/pw"].versions["tok-1"]  # rm of the version file
+    plan = await engine.plan("app/pw")
+    assert plan.token == "tok-1" and plan.first_step == "create"
+    again = ScriptedRotator(b"second")
+    result = await engine.rotate("app/pw", again, token="tok-2")
+    assert result.outcome == "rotated" and result.token == "tok-1"
+    assert result.steps == tuple(STEPS)
+    assert await world.current("app/pw") == b"second"
+    state = await world.store.read_stages("app/pw")
+    assert dict(state.stages) == {CURRENT: "tok-1", PREVIOUS: old}
+
+
 async def test_a_version_written_but_not_staged_by_a_crash_is_staged_and_finished() -> None:
     world = World()
     await world.put("app/pw", b"old")
