@@ -382,8 +382,10 @@ def parse_yaml_text(raw: bytes, *, path: Path) -> tuple[object, dict[str, int]]:
             f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
             "save the file as UTF-8"
         ) from None
-    loader = yaml.SafeLoader(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        # Inside the try: the loader's reader refuses some characters (NUL) at once.
+        loader = yaml.SafeLoader(text)
         if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
             raise ConfigError(
                 f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused"
@@ -400,7 +402,8 @@ def parse_yaml_text(raw: bytes, *, path: Path) -> tuple[object, dict[str, int]]:
         # The YAML library's own limits (e.g. a huge number, deep aliases).
         raise ConfigError(f"{path}: YAML could not be read ({type(exc).__name__})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
