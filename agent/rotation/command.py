@@ -60,6 +60,14 @@ class CommandRotator:
             self.argv = list(command)
         else:
             raise ConfigError("params.command: expected a path or a list [executable, args...]")
+        exe = self.argv[0]
+        if "/" in exe and not os.path.isabs(exe):
+            # It would be looked up from the agent's working directory, not the
+            # config file's (where every other relative path in the config goes).
+            raise ConfigError(
+                f"params.command: {exe!r} is a relative path; give an absolute path "
+                "(or a bare name looked up on PATH)"
+            )
         self.timeout = as_duration(params, "timeout", 30.0)
         env = params.get("env", {})
         if not isinstance(env, dict) or not all(

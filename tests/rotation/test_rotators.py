@@ -194,3 +194,14 @@ async def test_a_command_printing_without_end_is_stopped_at_the_output_cap(tmp_p
         await rotator.create(ctx())
     assert "create" in info.value.message
     assert not marker.exists()
+
+
+def test_a_relative_command_path_is_refused_at_load() -> None:
+    """Found by acceptance testing: ``command: ./rot/x.sh`` passed check-config,
+    then failed every step with "No such file or directory", because it was run
+    from the agent's working directory, not the config file's."""
+    with pytest.raises(ConfigError, match=r"params\.command: './rot/x\.sh' is a relative path"):
+        CommandRotator({"command": "./rot/x.sh"})
+    with pytest.raises(ConfigError, match="relative path"):
+        CommandRotator({"command": ["rot/x.sh", "--flag"]})
+    assert CommandRotator({"command": "true"}).argv == ["true"]  # bare names use PATH
