@@ -27,7 +27,8 @@ from agent.server.peer import Caller
 from tests.agentenv import AgentEnv
 from tests.test_audit import CALLER, cli_verify, docs, write
 
-FLOOD = 20_000 if os.environ.get("SA_RELIABILITY_FULL") == "1" else 5_000
+FULL = bool(os.environ.get("RELIABILITY_FULL") or os.environ.get("SA_RELIABILITY_FULL"))
+FLOOD = 20_000 if FULL else 5_000
 OTHER = Caller("unix", uid=1001, gid=1001, pid=77, groups=frozenset({1001}), exe="/bin/x")
 
 

@@ -6,7 +6,7 @@ any other; the reduced form (scale 1) is what CI runs. With
 fault scenarios survived, crashes) there as JSON, for docs/reliability.md.
 The HTTP tests (``test_http_*.py``) use ``ports``: an agent with the token
 port and the metrics port on; their full forms run with
-``SA_RELIABILITY_FULL=1``.
+``RELIABILITY_FULL=1`` too.
 """
 
 from __future__ import annotations

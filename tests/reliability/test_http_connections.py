@@ -33,7 +33,7 @@ from tests.agentenv import AgentEnv
 from tests.reliability.agentproc import agent_process, araw, raw_unix, status_of
 from tests.reliability.conftest import Ports
 
-FULL = os.environ.get("SA_RELIABILITY_FULL") == "1"
+FULL = bool(os.environ.get("RELIABILITY_FULL") or os.environ.get("SA_RELIABILITY_FULL"))
 
 
 def _limits(env: AgentEnv, **connections: Any) -> None:

@@ -3,7 +3,7 @@
 Raw requests (request lines, methods, versions, header names and values with
 any bytes, pipelining, bodies) on the Unix socket, the token port and the
 metrics port of a running agent. The CI form sends a few thousand requests;
-``SA_RELIABILITY_FULL=1`` sends at least 200,000 (docs/reliability.md;
+``RELIABILITY_FULL=1`` sends at least 200,000 (docs/reliability.md;
 ``SA_FUZZ_EXAMPLES`` changes the number of examples of 10 requests).
 """
 
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tests.agentenv import AgentEnv, RunningAgent
 from tests.reliability.conftest import Ports
 
-FULL = os.environ.get("SA_RELIABILITY_FULL") == "1"
+FULL = bool(os.environ.get("RELIABILITY_FULL") or os.environ.get("SA_RELIABILITY_FULL"))
 BATCH = 10
 EXAMPLES = int(os.environ.get("SA_FUZZ_EXAMPLES", 20_000 if FULL else 150))
 VALUE = "fuzz-value-4e1d"
@@ -160,6 +160,7 @@ async def fuzzed(env: AgentEnv, ports: Ports) -> AsyncIterator[tuple[RunningAgen
         yield agent, ports
 
 
+@pytest.mark.timeout(6 * 3600 if FULL else 300)
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

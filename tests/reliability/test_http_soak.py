@@ -2,7 +2,7 @@
 
 The agent runs in its own process so its RSS and descriptor count can be
 read at the start (after a warm-up) and at the end. CI runs a short form;
-``SA_RELIABILITY_FULL=1`` runs at least 1,000,000 requests
+``RELIABILITY_FULL=1`` runs at least 1,000,000 requests
 (docs/reliability.md). Every answer must be a 200 with a value that was put,
 and every value put must have been served.
 """
@@ -23,7 +23,7 @@ import yaml
 from tests.agentenv import AgentEnv
 from tests.reliability.agentproc import agent_process, proc_fds, proc_rss_kb
 
-FULL = os.environ.get("SA_RELIABILITY_FULL") == "1"
+FULL = bool(os.environ.get("RELIABILITY_FULL") or os.environ.get("SA_RELIABILITY_FULL"))
 TARGET = int(os.environ.get("SA_SOAK_REQUESTS", 1_000_000 if FULL else 0))
 DURATION = 15.0  # the CI form: this many seconds (bounded), whatever the count
 WORKERS = 8
