@@ -133,6 +133,7 @@ async def listeners(world: World, serve_unix: ServeUnix, serve_tcp: ServeTcp) ->
     return {"unix": await serve_unix(), "tcp": await serve_tcp()}
 
 
+@pytest.mark.timeout(360)  # 2,000 requests: about 100 s on a loaded 2-core machine
 @settings(
     max_examples=2000,
     deadline=None,
