@@ -20,46 +20,33 @@ protobuf 7 (its generated code is protobuf 5; the runtime accepts it without
 a warning). It speaks the v3 gRPC API natively: transactions, and one watch
 stream with server-side compaction errors, without a gateway layer of our own
 (the JSON gateway would need its own streaming-JSON parser for watches and
-string-encoded int64s). aetcd dials plaintext only, so :class:`_Client` makes
-the channel itself: TLS (CA, client certificate) when configured. Around it:
-endpoints are tried in turn (a failed call moves to the next), gRPC's
-reconnect backoff is capped at 1 s, keepalive pings find a dead peer under a
-quiet watch, and an expired auth token (etcd drops idle simple tokens after
-``--auth-token-ttl``, 5 min by default) is renewed once before a call fails.
+string-encoded int64s). :mod:`agent.stores.etcd_client` makes the channel
+itself (aetcd dials plaintext only), with TLS when configured; endpoints are
+tried in turn, reconnect backoff is capped at 1 s, keepalive pings find a dead
+peer under a quiet watch, and an expired auth token is renewed once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
-import grpc
-from aetcd import rpc, watcher
-from aetcd.utils import prefix_range_end
 
-from agent.bounded import DEFAULT_LIMITS, Limits, loads_json
+from agent.bounded import DEFAULT_LIMITS, Limits
 from agent.config import AgentConfig, EtcdStoreConfig, read_secret_ref
 from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
-    AccessDenied,
     AgentError,
     BackendUnavailable,
-    BadRequest,
     ConfigError,
     Conflict,
-    DecryptionError,
-    MalformedStoreData,
     SecretNotFound,
     VersionNotFound,
 )
@@ -71,6 +58,18 @@ from agent.stores.base import (
     check_stage_map,
     check_store_name,
 )
+from agent.stores.etcd_client import (
+    _RPC_ERRORS,
+    EtcdTls,
+    _Client,
+    _map_error,
+    _outcome,
+    _rpc_status,
+    _split_endpoint,
+    _stages,
+    _unwrap,
+    _wrap,
+)
 from agent.types import (
     utcnow,
     validate_version_id,
@@ -78,122 +77,11 @@ from agent.types import (
 
 T = TypeVar("T")
 _RESERVED = frozenset({"versions", "stages"})
-_AUTH_FAILED = ("authentication failed", "user name is empty", "invalid auth token")
-_RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, TimeoutError, OSError)
 
 
 def check_name(name: str) -> str:
     """A valid name that cannot collide with the layout's own path segments."""
     return check_store_name(name, store="etcd", reserved=_RESERVED)
-
-
-@dataclass(frozen=True)
-class EtcdTls:
-    """PEM material for TLS to etcd: ``ca`` None means the system roots; no cert, no client auth."""
-
-    ca: bytes | None = None
-    cert: bytes | None = None
-    key: bytes | None = field(default=None, repr=False)
-
-    @classmethod
-    def read(cls, ca: Path | None, cert: Path | None, key: Path | None) -> EtcdTls:
-        """Read the PEM files named in ``store.tls``."""
-        if (cert is None) != (key is None):
-            raise ConfigError("a client certificate needs its key", path="store.tls")
-        try:
-            return cls(*(p.read_bytes() if p else None for p in (ca, cert, key)))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {exc.filename}: {exc.strerror}", path="store.tls"
-            ) from None
-
-    def credentials(self) -> Any:
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
-        )
-
-
-class _Client(aetcd.Client):  # type: ignore[misc]
-    """aetcd's client on a channel made here, so it can be TLS.
-
-    ``connect`` does what aetcd 1.0's does (authenticate, stubs, watcher);
-    the store serialises calls to it, so aetcd's own connect guard is not needed.
-    """
-
-    def __init__(self, *, tls: EtcdTls | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._tls = tls
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        target, options = f"{self._host}:{self._port}", list(self._options.items())
-        if self._tls is None:
-            self.channel = rpc.insecure_channel(target, options=options)
-        else:
-            self.channel = rpc.secure_channel(target, self._tls.credentials(), options=options)
-        if self._username is not None:
-            self.auth_stub = rpc.AuthStub(self.channel)
-            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
-            try:
-                resp = await self.auth_stub.Authenticate(request, timeout=self._timeout)
-            except BaseException:
-                await self.channel.close()  # no channel left behind by a failed login
-                self._init_channel_attrs()
-                raise
-            self.metadata = (("token", resp.token),)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = watcher.Watcher(
-            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-        )
-        self._connected.set()
-
-    async def count(self, prefix: bytes) -> tuple[int, int]:
-        """(keys under ``prefix``, store revision), sending no keys or values."""
-        request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
-        resp = await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
-        return int(resp.count), int(resp.header.revision)
-
-
-def _rpc_status(exc: BaseException) -> tuple[Any, str]:
-    """The gRPC status code and details behind an aetcd or grpc error, else (None, its text)."""
-    for err in (exc, exc.__cause__):
-        if isinstance(err, grpc.aio.AioRpcError):
-            return err.code(), str(err.details() or "")
-    return None, str(exc)
-
-
-def _map_error(exc: BaseException, operation: str) -> AgentError:
-    """Our error for an etcd failure: denied and bad requests are permanent, the rest transient."""
-    code, details = _rpc_status(exc)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
-        code == grpc.StatusCode.INVALID_ARGUMENT and any(s in details for s in _AUTH_FAILED)
-    ):
-        return AccessDenied(f"etcd denied {operation} ({details or code.name})")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return BadRequest(f"etcd refused {operation} ({details})")
-    reason = code.name if code is not None else type(exc).__name__
-    return BackendUnavailable(f"etcd unavailable during {operation}: {reason}")
-
-
-def _outcome(err: AgentError) -> str:
-    if isinstance(err, Conflict | BackendUnavailable):
-        return "conflict" if isinstance(err, Conflict) else "unavailable"
-    return "not_found" if err.status == 404 else "error"
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:
-    """``[scheme://]host[:port]`` as (host, port, https)."""
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep:
-        scheme, rest = "http", endpoint
-    host, colon, port = rest.rstrip("/").rpartition(":")
-    if not colon or not port.isdigit() or host.endswith(":"):
-        host, port = rest.rstrip("/"), "2379"
-    return host, int(port), scheme == "https"
 
 
 class EtcdStore:
@@ -559,31 +447,3 @@ class EtcdStore:
 async def _close_quietly(client: aetcd.Client) -> None:
     with contextlib.suppress(Exception):
         await client.close()
-
-
-def _wrap(envelope: bytes, created: datetime) -> bytes:
-    return json.dumps(
-        {"created_at": created.isoformat(), "envelope": base64.b64encode(envelope).decode()}
-    ).encode()
-
-
-def _unwrap(value: bytes, name: str, vid: str, limits: Limits) -> tuple[datetime, bytes]:
-    what = f"version {vid!r} of {name!r} in etcd"
-    # The record holds the envelope in base64 (4/3 of its size) plus a timestamp.
-    wrapped = Limits(limits.max_object_size * 4 // 3 + 256, limits.max_json_depth)
-    doc: Any = loads_json(value, what=what, error=DecryptionError, limits=wrapped)
-    try:
-        return (
-            datetime.fromisoformat(doc["created_at"]),
-            base64.b64decode(doc["envelope"], validate=True),
-        )
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise DecryptionError(f"{what} is malformed") from None
-
-
-def _stages(value: bytes, name: str, limits: Limits) -> dict[str, str]:
-    what = f"stage map of {name!r} in etcd"
-    doc = loads_json(value, what=what, error=MalformedStoreData, limits=limits)
-    if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
-        raise MalformedStoreData(f"{what} is not a JSON object of stage -> version id")
-    return {str(k): v for k, v in doc.items()}
