@@ -108,7 +108,8 @@ async def run_fleet(endpoint: str, agents: int, rotations: int, idle: float) -> 
     prefix = f"/fleet-{uuid.uuid4().hex[:8]}"
     store = {"type": "etcd", "endpoints": [endpoint], "prefix": prefix}
     try:
-        first = init_dir(root / "a0", {"store": store, "secrets": [NAME]})
+        own = {"listen": {"socket": "./agent.sock"}, "audit": {"path": "./audit.log"}}
+        first = init_dir(root / "a0", {"store": store, "secrets": [NAME], **own})
         core = Core.build(load_config(first))
         writer = core.writer()
         await writer.put(NAME, b"initial")
