@@ -24,7 +24,7 @@ from agent.bounded import DEFAULT_LIMITS
 from agent.config import parse_config_text
 from agent.crypto import envelope
 from agent.errors import ConfigError, DecryptionError, MalformedStoreData
-from agent.stores.file import _parse_stages
+from agent.stores.file_ops import _parse_stages
 from tests.reliability.conftest import SCALE, TALLY, scaled
 
 pytestmark = pytest.mark.timeout(120 * SCALE)
