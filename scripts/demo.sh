@@ -21,6 +21,12 @@ sa() { .venv/bin/secrets-agent -c "$demo/agent.yaml" "$@"; }
 
 if [ ! -f "$demo/agent.yaml" ]; then
     .venv/bin/secrets-agent init --dir "$demo"
+    # init's config writes nothing next to itself (it may sit on a read-only
+    # mount); the demo keeps its socket and audit log in demo/ instead.
+    sed -i -e 's|^  # socket: .*|  socket: ./agent.sock|' -e 's|^  path: "-"$|  path: ./audit.log|' \
+        "$demo/agent.yaml"
+    grep -q '^  socket: ./agent.sock$' "$demo/agent.yaml" \
+        || { echo "demo: could not set listen.socket in $demo/agent.yaml" >&2; exit 1; }
     mkdir -p "$render_dir"
     chmod 700 "$render_dir"
     cat >> "$demo/agent.yaml" <<YAML
