@@ -2,13 +2,13 @@
 
 Envelopes are sealed by the agent's own writer code (``SecretWriter.seal``,
 one data key per batch as the writer's data-key reuse allows), then laid out
-in the directory store's format with plain writes: no fsync, since the files
-only have to exist for the benchmark that follows.
+in the directory store's format with plain writes (no fsync: the files only
+have to exist for the benchmark that follows). Stage maps are written by the
+writer, with their proof.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -49,10 +49,9 @@ async def populate(directory: Path, count: int, *, value_size: int = 100, **over
             fd = os.open(versions / f"{vid}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.write(fd, envelope)
             os.close(fd)
-            stages = json.dumps({"CURRENT": vid}, sort_keys=True).encode() + b"\n"
-            fd = os.open(versions.parent / "stages.json", os.O_WRONLY | os.O_CREAT, 0o600)
-            os.write(fd, stages)
-            os.close(fd)
+            # The stage map goes through the writer: it carries the proof that
+            # agents require (issue 12), which a plain file write would lack.
+            await writer.apply_stages(name, {"CURRENT": vid}, expected_revision="")
     finally:
         await core.aclose()
     return cfg
