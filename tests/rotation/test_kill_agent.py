@@ -1,0 +1,119 @@
+"""Fault injection: the running agent SIGKILLed in the middle of a scheduled rotation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.agentenv import AgentEnv
+
+pytestmark = pytest.mark.integration
+
+# Logs "<step> <token>" after the step's work; while block-<step> exists it
+# records its pid and sleeps (bounded), so the test can kill the agent there.
+SCRIPT = """#!/bin/sh
+dir=$(dirname "$0")
+if [ -e "$dir/block-$1" ]; then
+    echo $$ > "$dir/inside-$1"
+    sleep 20
+fi
+if [ "$1" = create ]; then echo "value-$3"; fi
+echo "$1 $3" >> "$dir/calls"
+"""
+
+
+def _agent(env: AgentEnv) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "-c", str(env.config_path), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _wait(predicate: object, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        assert proc.poll() is None, "the agent exited"
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def _calls(env: AgentEnv) -> list[str]:
+    path = env.dir / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _describe(env: AgentEnv) -> dict[str, object]:
+    code, out, err = env.cli("describe", "app/key", "--json")
+    assert code == 0, err
+    doc: dict[str, object] = json.loads(out)
+    return doc
+
+
+def test_an_agent_killed_in_set_keeps_current_and_its_restart_resumes_the_same_pending(
+    env: AgentEnv,
+) -> None:
+    script = env.dir / "rot.sh"
+    script.write_text(SCRIPT)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    env.configure(
+        rotation=[
+            {
+                "secret": "app/key",
+                "every": "2s",
+                "rotator": "command",
+                "params": {"command": str(script)},
+            }
+        ],
+        audit={"path": str(env.dir / "audit.log")},
+    )
+    first = env.put("app/key", "initial")
+    (env.dir / "block-set").touch()
+    inside = env.dir / "inside-set"
+    agent = _agent(env)
+    try:
+        _wait(inside.exists, agent)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int(inside.read_text()), signal.SIGKILL)
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    # CURRENT is whole and unchanged; the rotation waits as PENDING.
+    assert env.cli("get", "app/key") == (0, "initial", "")
+    stages: dict[str, str] = _describe(env)["stages"]  # type: ignore[assignment]
+    assert stages["CURRENT"] == first
+    token = stages["PENDING"]
+    assert _calls(env) == [f"create {token}"]
+
+    (env.dir / "block-set").unlink()
+    agent = _agent(env)
+    try:
+        _wait(lambda: f"test {token}" in _calls(env), agent)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(15)
+    calls = _calls(env)
+    # Resumed from set with the same token: created once, never duplicated.
+    assert calls.count(f"create {token}") == 1
+    assert calls[1:3] == [f"set {token}", f"test {token}"]
+    doc = _describe(env)
+    stages = doc["stages"]  # type: ignore[assignment]
+    versions = [v["version_id"] for v in doc["versions"]]  # type: ignore[attr-defined]
+    assert token in versions and stages["CURRENT"] != first
+    assert versions.index(token) == 1  # the first version made after "initial"
+    assert env.cli("get", "app/key", "--version", token) == (0, f"value-{token}", "")
+    assert "PENDING" not in stages or stages["PENDING"] != token
