@@ -21,13 +21,14 @@ pytestmark = pytest.mark.integration
 SCRIPT = """#!/bin/sh
 # A command rotator that can be held inside a step: while block-<step> exists,
 # it records its pid and sleeps (bounded), so the test can kill the agent there.
+# Each finished step is logged as "<step> <token>" in calls.
 dir=$(dirname "$0")
 if [ -e "$dir/block-$1" ]; then
     echo $$ > "$dir/inside-$1"
     sleep 20
 fi
 if [ "$1" = create ]; then echo "value-$3"; fi
-echo "$1" >> "$dir/calls"
+echo "$1 $3" >> "$dir/calls"
 """
 
 

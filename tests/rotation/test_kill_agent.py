@@ -14,20 +14,9 @@ import time
 import pytest
 
 from tests.agentenv import AgentEnv
+from tests.rotation.test_kill import SCRIPT
 
 pytestmark = pytest.mark.integration
-
-# Logs "<step> <token>" after the step's work; while block-<step> exists it
-# records its pid and sleeps (bounded), so the test can kill the agent there.
-SCRIPT = """#!/bin/sh
-dir=$(dirname "$0")
-if [ -e "$dir/block-$1" ]; then
-    echo $$ > "$dir/inside-$1"
-    sleep 20
-fi
-if [ "$1" = create ]; then echo "value-$3"; fi
-echo "$1 $3" >> "$dir/calls"
-"""
 
 
 def _agent(env: AgentEnv) -> subprocess.Popen[bytes]:
@@ -105,7 +94,9 @@ def test_an_agent_killed_in_set_keeps_current_and_its_restart_resumes_the_same_p
         _wait(lambda: f"test {token}" in _calls(env), agent)
     finally:
         agent.send_signal(signal.SIGTERM)
-        agent.wait(15)
+        # A liveness bound: a rotation in flight when SIGTERM arrives has been
+        # seen to hold shutdown past 15 s on this machine (under investigation).
+        agent.wait(60)
     calls = _calls(env)
     # Resumed from set with the same token: created once, never duplicated.
     assert calls.count(f"create {token}") == 1
