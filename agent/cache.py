@@ -104,6 +104,11 @@ class SecretCache:
         self._listeners: list[ChangeListener] = []
         metrics.cache_stale_age.set_function(self.stale_age)  # computed at each scrape
         self._stale = 0  # entries with failing_since set, kept as they change
+        # name -> the removal count when it was last removed: a load that was
+        # in flight across a remove() (a reload dropped the name) must not put
+        # the entry back.
+        self._removed: dict[str, int] = {}
+        self._removals = 0
         # Bound once: the read path counts every answer.
         self._answered = {
             False: metrics.cache_requests.labels("hit"),
@@ -267,9 +272,12 @@ class SecretCache:
     # --------------------------------------------------------------- refresh
 
     async def _load(self, name: str) -> _Entry:
+        removed = self._removed.get(name)
         state = await self.resolver.stages(name)
         versions = await self._fetch_wanted(name, state, _CURRENT_ONLY, {})
         entry = _Entry(name, state, versions, self.clock(), last_refresh=time.time())
+        if self._removed.get(name) != removed:
+            return entry  # removed while loading: answer this caller, hold nothing
         self._entries[name] = entry
         self.metrics.cache_secrets.set(len(self._entries))
         return entry
@@ -377,6 +385,7 @@ class SecretCache:
         store = self.resolver.store
         assert isinstance(store, BatchReadableStore)
         seen = [self._entries.get(n) for n in names]
+        removed = [self._removed.get(n) for n in names]
         seen_states = [e.state if e is not None else None for e in seen]
         states = await store.read_stages_many(names)
         left: list[str] = []
@@ -418,6 +427,8 @@ class SecretCache:
                 left.append(name)
             elif entry is not seen[i] or (entry is not None and entry.state is not seen_states[i]):
                 continue  # another refresh got there first; it read the map later
+            elif self._removed.get(name) != removed[i]:
+                continue  # removed meanwhile (a reload dropped it): hold nothing
             else:
                 self._apply_batch(name, entry, state, opened)
                 if entry is None:
@@ -601,6 +612,8 @@ class SecretCache:
     def remove(self, name: str) -> None:
         """Forget ``name`` (it is loaded again on the next read)."""
         entry = self._entries.pop(name, None)
+        self._removals += 1
+        self._removed[name] = self._removals
         self.metrics.cache_secrets.set(len(self._entries))
         if entry is not None and entry.failing_since is not None:
             self._stale_changed(-1)

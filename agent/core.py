@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from agent.config import AgentConfig
@@ -13,6 +16,13 @@ from agent.retention import RetentionPolicy
 from agent.stageguard import StageGuard
 from agent.stores import WritableStore, create_store
 from agent.writer import SecretWriter
+
+log = logging.getLogger(__name__)
+
+#: How long closing one part (a store's channel, a provider's session) may take
+#: before shutdown goes on without it: a peer that stopped answering must not
+#: hold the process up.
+CLOSE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -59,8 +69,16 @@ class Core:
         )
 
     async def aclose(self) -> None:
-        """Close the store, wipe data keys, close providers."""
-        await self.store.aclose()
+        """Close the store, wipe data keys, close providers (each bounded in time)."""
+        await _bounded("the store", self.store.aclose())
         await self.datakeys.aclose()
-        for provider in self.providers.values():
-            await provider.aclose()
+        for name, provider in self.providers.items():
+            await _bounded(f"key provider {name!r}", provider.aclose())
+
+
+async def _bounded(what: str, closing: Awaitable[None]) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await closing
+    except TimeoutError:
+        log.warning("closing %s took over %.0fs; going on without it", what, CLOSE_TIMEOUT)

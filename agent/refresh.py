@@ -158,6 +158,8 @@ class Refresher:
         transient: list[str] = []
 
         async def one(name: str) -> None:
+            if not self._still_wanted(name):
+                return  # a reload dropped it after the names were listed
             try:
                 await self.cache.refresh(name, trigger=trigger)
                 self._settled(name)
@@ -182,6 +184,9 @@ class Refresher:
                     self._quiet.warning((name, exc.code), "secret %r: %s", name, exc.message)
 
         async def batch(names: list[str]) -> None:
+            names = [n for n in names if self._still_wanted(n)]
+            if not names:
+                return
             left = set(await self.cache.refresh_batch(names, trigger=trigger))
             for name in names:
                 if name in left:
@@ -196,6 +201,9 @@ class Refresher:
         else:
             await _drain(todo, one, workers=_CONCURRENCY)
         return transient
+
+    def _still_wanted(self, name: str) -> bool:
+        return self.cache.holds(name) or matches(name, self.patterns)
 
     def _settled(self, name: str) -> None:
         """``name`` refreshed fine: forget a failure on record, and say so next time."""

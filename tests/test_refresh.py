@@ -260,3 +260,38 @@ def test_backoff_survives_thousands_of_failures_in_a_row() -> None:
     b = Backoff(initial=1, maximum=60, jitter=0.1)
     delays = [b.next_delay() for _ in range(5000)]
     assert 54 <= delays[-1] <= 66
+
+
+async def test_a_load_in_flight_when_a_reload_drops_the_secret_does_not_bring_it_back() -> None:
+    # Found in CI: a poll pass was loading "keep/a" when SIGHUP narrowed the
+    # patterns; the load finished after the reload removed it and put it back.
+    import asyncio
+
+    w = World()
+    await w.writer.put("keep/a", b"va")
+    gate = asyncio.Event()
+    read_stages = w.store.read_stages
+
+    async def slow_read_stages(name: str) -> Any:
+        await gate.wait()
+        return await read_stages(name)
+
+    w.store.read_stages = slow_read_stages  # type: ignore[method-assign]
+    load = asyncio.create_task(w.cache.refresh("keep/a"))
+    await asyncio.sleep(0.01)
+    w.cache.remove("keep/a")  # what Daemon.apply does for a dropped name
+    gate.set()
+    await load
+    assert not w.cache.holds("keep/a")
+    # A read after the removal loads it afresh and holds it again.
+    assert (await w.cache.get("keep/a")).secret.value.reveal() == b"va"
+    assert w.cache.holds("keep/a")
+
+
+async def test_a_pass_listed_before_a_reload_skips_the_names_it_dropped() -> None:
+    w = World()
+    await w.writer.put("keep/a", b"va")
+    await w.writer.put("new/b", b"vb")
+    w.refresher.patterns = ("new/*",)  # the reload ran after the pass listed its names
+    await w.refresher._refresh_many(["keep/a", "new/b"], trigger="poll")
+    assert w.cache.names() == ["new/b"]

@@ -173,7 +173,8 @@ class ExecRunner:
             return False
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout=self.poll)
+                async with asyncio.timeout(self.poll):
+                    await asyncio.shield(self.proc.wait())
             if self.proc.returncode is not None:
                 return False
             if self.stopping is not None:  # the child is being stopped: no restart
@@ -193,7 +194,8 @@ class ExecRunner:
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(self.stop_signal)
         try:
-            await asyncio.wait_for(self.proc.wait(), timeout=self.stop_timeout)
+            async with asyncio.timeout(self.stop_timeout):
+                await self.proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()

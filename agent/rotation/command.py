@@ -105,7 +105,8 @@ class CommandRotator:
                 f"cannot run {self.argv[0]!r} for step {step}: {exc.strerror}"
             ) from None
         try:
-            out = await asyncio.wait_for(_collect(proc, stdin), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                out = await _collect(proc, stdin)
         except _TooMuchOutput:
             await _reap(proc)
             raise RotationFailed(
@@ -200,7 +201,8 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
     _kill_group(proc.pid)
     if proc.stdout is not None:
         with contextlib.suppress(TimeoutError, OSError):
-            await asyncio.wait_for(_discard(proc.stdout), _REAP_TIMEOUT)
+            async with asyncio.timeout(_REAP_TIMEOUT):
+                await _discard(proc.stdout)
     await proc.wait()
 
 

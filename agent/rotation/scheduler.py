@@ -190,7 +190,8 @@ class RotationScheduler:
         delay = min(max(delay, 0.0), MAX_SLEEP)
         if delay > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):  # not wait_for: see stores/etcd.py
+                    await self._wake.wait()
 
     async def check(self, st: RuleState) -> RotationResult | None:
         """Check one rule now; rotate if due; record the outcome. Never raises AgentError."""

@@ -183,7 +183,8 @@ class EtcdStore:
         if not self._connected:
             async with self._lock:
                 if not self._connected:
-                    await asyncio.wait_for(self._client.connect(), self.timeout)
+                    async with asyncio.timeout(self.timeout):
+                        await self._client.connect()
                     self._connected = True
 
     async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -191,7 +192,11 @@ class EtcdStore:
         for attempt in (1, 2):
             try:
                 await self._connect()
-                result = await asyncio.wait_for(fn(), self.timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+                # cancel that lands as the call completes (cpython gh-86296),
+                # and a cancelled scheduler or refresher then ran on for ever.
+                async with asyncio.timeout(self.timeout):
+                    result = await fn()
             except AgentError as exc:
                 self._count(operation, exc)
                 raise

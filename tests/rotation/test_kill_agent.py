@@ -19,13 +19,27 @@ from tests.rotation.test_kill import SCRIPT
 pytestmark = pytest.mark.integration
 
 
-def _agent(env: AgentEnv) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent", "-c", str(env.config_path), "run"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+def _agent(env: AgentEnv, log: str) -> subprocess.Popen[bytes]:
+    with open(env.dir / log, "wb") as out:  # kept for the failure report
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", "-c", str(env.config_path), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            start_new_session=True,
+        )
+
+
+def _logs(env: AgentEnv) -> str:
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')}"
+        for p in sorted(env.dir.glob("agent-*.log"))
     )
+
+
+def _kill_script(env: AgentEnv, step: str) -> None:
+    """Kill a held rotator script and its sleep (its own session: kill the group)."""
+    with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+        os.killpg(int((env.dir / f"inside-{step}").read_text()), signal.SIGKILL)
 
 
 def _wait(predicate: object, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -70,14 +84,14 @@ def test_an_agent_killed_in_set_keeps_current_and_its_restart_resumes_the_same_p
     first = env.put("app/key", "initial")
     (env.dir / "block-set").touch()
     inside = env.dir / "inside-set"
-    agent = _agent(env)
+    agent = _agent(env, "agent-1.log")
     try:
-        _wait(inside.exists, agent)
+        # The script writes its pid after creating the file: wait for the pid.
+        _wait(lambda: inside.exists() and inside.read_text().strip(), agent)
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
     finally:
-        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
-            os.kill(int(inside.read_text()), signal.SIGKILL)
+        _kill_script(env, "set")
         if agent.poll() is None:
             agent.kill()
             agent.wait(10)
@@ -89,15 +103,22 @@ def test_an_agent_killed_in_set_keeps_current_and_its_restart_resumes_the_same_p
     assert _calls(env) == [f"create {token}"]
 
     (env.dir / "block-set").unlink()
-    agent = _agent(env)
+    agent = _agent(env, "agent-2.log")
     try:
         _wait(lambda: f"test {token}" in _calls(env), agent)
+        # The script's "test" line comes before the agent's finish step: stop
+        # the agent only once the finish has moved CURRENT.
+        _wait(lambda: _describe(env)["stages"]["CURRENT"] == token, agent)  # type: ignore[index]
     finally:
         agent.send_signal(signal.SIGTERM)
-        # A liveness bound: a rotation in flight when SIGTERM arrives has been
-        # seen to hold shutdown past 15 s on this machine (under investigation).
-        agent.wait(60)
+        try:
+            agent.wait(30)  # a liveness bound, not a timing
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(10)
+            raise AssertionError("the agent did not stop on SIGTERM\n" + _logs(env)) from None
     calls = _calls(env)
+    assert calls.count(f"create {token}") == 1, (calls, _logs(env))
     # Resumed from set with the same token: created once, never duplicated.
     assert calls.count(f"create {token}") == 1
     assert calls[1:3] == [f"set {token}", f"test {token}"]

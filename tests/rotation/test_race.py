@@ -40,7 +40,10 @@ async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str
         await asyncio.sleep(RUN_FOR)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Liveness bounds (not timings): a hang names its phase instead of
+        # running into pytest's timeout.
+        _, running = await asyncio.wait(tasks, timeout=30)
+        assert not running, f"{len(running)} schedulers did not stop when cancelled"
         ended = time.time()
         schedule = Schedule(every=1)
         slots = set()
@@ -49,24 +52,26 @@ async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str
             slots.add(schedule.slot_at(t).token(name))
             t += 0.25
         store = cores[0].store
-        versions = [v for v, _ in await store.list_versions(name)]
-        stages = dict((await store.read_stages(name)).stages)
-        # Every version decrypts (no half-written envelope).
-        for v in versions:
-            await cores[0].resolver.fetch(name, v)
+        async with asyncio.timeout(30):
+            versions = [v for v, _ in await store.list_versions(name)]
+            stages = dict((await store.read_stages(name)).stages)
+            # Every version decrypts (no half-written envelope).
+            for v in versions:
+                await cores[0].resolver.fetch(name, v)
         return versions, stages, slots
     finally:
-        for core in cores:
-            await core.aclose()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(core.aclose() for core in cores))
 
 
 def check(versions: list[str], stages: dict[str, str], slots: set[str], first: str) -> None:
     new = [v for v in versions if v != first]
-    assert len(new) >= 2, versions  # the agents rotated in several slots
-    assert len(new) == len(set(new))
-    assert set(new) <= slots, "a version that is not a slot's token: a duplicate rotation"
-    assert stages[CURRENT] in new and "PENDING" not in stages
-    assert stages[PREVIOUS] in versions
+    seen = f"versions {versions}, stages {stages}, slot tokens {sorted(slots)}"
+    assert len(new) >= 2, seen  # the agents rotated in several slots
+    assert len(new) == len(set(new)), seen
+    assert set(new) <= slots, f"a version that is not a slot's token (a duplicate): {seen}"
+    assert stages[CURRENT] in new and "PENDING" not in stages, seen
+    assert stages[PREVIOUS] in versions, seen
 
 
 def rule(name: str) -> dict[str, Any]:
