@@ -42,6 +42,7 @@ from agent.types import CURRENT, Secret, normalize_stage, stages_of, validate_na
 
 if TYPE_CHECKING:
     from agent.audit import Auditor
+    from agent.stageguard import StageGuard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -390,6 +391,9 @@ class SecretCache:
         states = await store.read_stages_many(names)
         left: list[str] = []
         todo: list[tuple[int, StageState, list[str]]] = []
+        # name index -> the version keying its map's proof (read with the others)
+        proof_keys: dict[int, str] = {}
+        guard = self.resolver.guard if self.resolver.guard and self.resolver.guard.active else None
         unchanged = 0
         for i, (name, state) in enumerate(zip(names, states, strict=True)):
             entry = seen[i]
@@ -401,9 +405,13 @@ class SecretCache:
                 entry.missing_since = None
                 self._confirmed(entry)
                 unchanged += 1
-            elif self.resolver.guard is not None:
-                left.append(name)  # a new map: its proof is checked one by one (stageguard)
             else:
+                if guard is not None and state.revision != "":
+                    key_version = guard.proof_key_version(state)
+                    if key_version is None:
+                        left.append(name)  # no readable proof: refused one by one
+                        continue
+                    proof_keys[i] = key_version
                 wanted = entry.wanted if entry is not None else _CURRENT_ONLY
                 held = entry.versions if entry is not None else {}
                 vids = sorted(
@@ -413,7 +421,12 @@ class SecretCache:
         if unchanged:
             self.metrics.version_checks.labels("unchanged").inc(unchanged)
             self.metrics.refreshes.labels(trigger, "unchanged").inc(unchanged)
-        wanted_versions = [(names[i], v) for i, _, vids in todo for v in vids]
+        wanted_versions = list(
+            dict.fromkeys(
+                [(names[i], v) for i, _, vids in todo for v in vids]
+                + [(names[i], v) for i, v in proof_keys.items()]
+            )
+        )
         stored = await store.read_versions_many(wanted_versions) if wanted_versions else []
         envelopes = dict(zip(wanted_versions, stored, strict=True))
         changed = loaded = 0
@@ -421,6 +434,21 @@ class SecretCache:
             if n % 32 == 31:
                 await asyncio.sleep(0)  # let readers in between decrypts
             name = names[i]
+            if i in proof_keys:
+                assert guard is not None
+                checked = await self._proven(
+                    guard, name, state, envelopes.get((name, proof_keys[i]))
+                )
+                if checked is None:
+                    left.append(name)  # unsure, or refused with nothing in service
+                    continue
+                if checked is not state:
+                    # Refused: the guard hands back the map in service, as
+                    # Resolver.stages does for refresh(): nothing changes.
+                    in_service = seen[i]
+                    if in_service is not None:
+                        self._confirmed(in_service)
+                    continue
             opened = await self._open_batch(name, state, vids, envelopes)
             entry = self._entries.get(name)
             if opened is None:
@@ -444,6 +472,22 @@ class SecretCache:
         self.metrics.cache_secrets.set(len(self._entries))
         return left
 
+    @staticmethod
+    async def _proven(
+        guard: StageGuard, name: str, state: StageState, key: StoredVersion | Exception | None
+    ) -> StageState | None:
+        """The guard's answer for ``state`` (its proof's key envelope pre-read).
+
+        None when the batch cannot decide: the key envelope is missing or the
+        guard raised (refresh() then reads again and reports).
+        """
+        if not isinstance(key, StoredVersion):
+            return None
+        try:
+            return await guard.check(name, state, key_envelope=key)
+        except AgentError:
+            return None
+
     async def _open_batch(
         self,
         name: str,
@@ -466,7 +510,8 @@ class SecretCache:
                 )
             except AgentError:
                 return None  # refresh() reads it again and reports (and audits) it
-            self.metrics.fetches.labels("ok").inc()
+        if out:
+            self.metrics.fetches.labels("ok").inc(len(out))
         return out
 
     def _apply_batch(

@@ -65,7 +65,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_nofollow(path: Path, *, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+def read_nofollow(
+    path: str | os.PathLike[str], *, limit: int | None = None
+) -> tuple[bytes, os.stat_result]:
     """The bytes and stat of the regular file ``path``, refusing a symlink there.
 
     Args:

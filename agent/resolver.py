@@ -54,6 +54,7 @@ class Resolver:
         self.metrics = metrics
         #: Checks each stage map's proof; None trusts the store (tests, plain mode).
         self.guard = guard
+        self._decrypted_ok = metrics.decrypts.labels("ok")  # bound once: per-secret path
 
     async def stages(self, name: str) -> StageState:
         """The cheap version check: the stage map and its revision.
@@ -114,7 +115,7 @@ class Resolver:
             self.metrics.decrypts.labels("refused").inc()
             self.metrics.envelopes_refused.labels(refusal_reason(exc)).inc()
             raise
-        self.metrics.decrypts.labels("ok").inc()
+        self._decrypted_ok.inc()
         return Secret(
             name=name,
             version_id=version_id,

@@ -27,7 +27,7 @@ from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, parse
 from agent.errors import DecryptionError, NotFound
 from agent.metrics import Metrics
-from agent.stores.base import SecretStore, StageState
+from agent.stores.base import SecretStore, StageState, StoredVersion
 from agent.types import CURRENT, utcnow
 
 if TYPE_CHECKING:
@@ -85,8 +85,25 @@ class StageGuard:
         """False for plaintext stores, whose maps carry no proof."""
         return not getattr(self.store, "plaintext", False)
 
-    async def check(self, name: str, state: StageState) -> StageState:
+    def proof_key_version(self, state: StageState) -> str | None:
+        """The version whose envelope keys ``state``'s proof (None: no readable proof).
+
+        A batched refresh reads that envelope with the others, so the check
+        below needs no store read of its own.
+        """
+        if state.proof is None:
+            return None
+        try:
+            return stageproof.parse(state.proof).key_version
+        except stageproof.StageProofError:
+            return None
+
+    async def check(
+        self, name: str, state: StageState, *, key_envelope: StoredVersion | None = None
+    ) -> StageState:
         """The stage map to use for ``name``: ``state`` if proven and not older.
+
+        ``key_envelope``: the proof's key version, already read (batched refresh).
 
         Raises:
             StageMapRefused: ``state`` is refused and none is in service yet.
@@ -102,7 +119,7 @@ class StageGuard:
         if refusal is not None and refusal.revision == state.revision:
             return self._still_refused(name, state, refusal, held)
         try:
-            sequence = await self._verify(name, state)
+            sequence = await self._verify(name, state, key_envelope)
             if sequence < 0 and held is not None and held.sequence >= 0:
                 raise StageMapRefused(
                     f"stage map of secret {name!r} carries no proof, while the one in "
@@ -118,7 +135,9 @@ class StageGuard:
         self._accept(name, state, sequence, held)
         return state
 
-    async def _verify(self, name: str, state: StageState) -> int:
+    async def _verify(
+        self, name: str, state: StageState, key_envelope: StoredVersion | None = None
+    ) -> int:
         """The proven sequence of ``state`` (StageMapRefused if it has no valid proof)."""
         if state.proof is None:
             if self.accept_unproven:
@@ -136,7 +155,7 @@ class StageGuard:
             raise StageMapRefused(
                 f"stage map of secret {name!r}: its proof is keyed by a version it does not stage"
             )
-        dek = await self._dek(name, proof.key_version)
+        dek = await self._dek(name, proof.key_version, key_envelope)
         ok = stageproof.verify(
             dek, proof, store_id=self.store.store_id, secret=name, stages=state.stages
         )
@@ -147,9 +166,10 @@ class StageGuard:
             )
         return proof.sequence
 
-    async def _dek(self, name: str, version_id: str) -> bytes:
+    async def _dek(self, name: str, version_id: str, stored: StoredVersion | None) -> bytes:
         try:
-            stored = await self.store.read_version(name, version_id)
+            if stored is None:
+                stored = await self.store.read_version(name, version_id)
         except NotFound:
             raise StageMapRefused(
                 f"stage map of secret {name!r}: its proof's key version {version_id!r} "

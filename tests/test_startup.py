@@ -28,12 +28,6 @@ def _sample(agent: RunningAgent, name: str, **labels: str) -> float:
     return total
 
 
-def _reads_per_new_map(agent: RunningAgent) -> int:
-    # With stage-map proofs checked (issue 12), a batch hands a changed map to
-    # the one-by-one path, which reads it once more; an unchanged one is not.
-    return 2 if agent.daemon.cache.resolver.guard is not None else 1
-
-
 async def _until(check: object, timeout: float = 15) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -57,12 +51,15 @@ async def test_startup_reads_each_secret_once_and_the_watch_starts_from_that_sta
         assert _sample(agent, "secrets_agent_refreshes_total") == COUNT
         assert _sample(agent, "secrets_agent_refreshes_total", outcome="loaded") == COUNT
         reads = _sample(agent, "secrets_agent_store_operations_total", operation="read_stages")
-        assert reads == COUNT * _reads_per_new_map(agent)
+        assert reads == COUNT
+        # The proof's key envelope is the CURRENT one, read in the same batch.
+        versions = _sample(agent, "secrets_agent_store_operations_total", operation="read_version")
+        assert versions == COUNT
         # Still watching: a rotation arrives, read alone.
         env.put("app/s0007", "rotated")
         await agent.eventually("app/s0007", b"rotated")
         after = _sample(agent, "secrets_agent_store_operations_total", operation="read_stages")
-        assert 1 <= after - reads <= 3 * _reads_per_new_map(agent)
+        assert 1 <= after - reads <= 3
 
 
 async def test_a_resync_reads_again_only_what_changed(env: AgentEnv) -> None:
@@ -74,7 +71,7 @@ async def test_a_resync_reads_again_only_what_changed(env: AgentEnv) -> None:
             env.put(f"app/s{i:04d}", f"new-{i}")
         await agent.daemon.refresher.resync(trigger="poll")
         after = _sample(agent, "secrets_agent_store_operations_total", operation="read_stages")
-        assert after - before == 3 * _reads_per_new_map(agent)
+        assert after - before == 3
         for i in (3, 50, 99):
             assert await agent.value(f"app/s{i:04d}") == f"new-{i}".encode()
         assert await agent.value("app/s0004") == b"value-4"

@@ -90,6 +90,7 @@ class DataKeys:
         self._write_keys = tuple(write_keys)
         self._settings = settings
         self._metrics = metrics
+        self._cache_hit = metrics.datakey_cache.labels("hit")  # bound once: per-read path
         self._clock = clock
         self._cache: OrderedDict[_CacheKey, _Entry] = OrderedDict()
         self._flights: dict[tuple[_CacheKey, ...], asyncio.Task[bytes]] = {}
@@ -171,7 +172,7 @@ class DataKeys:
         for _, cache_key in candidates:
             dek = self._lookup(cache_key)
             if dek is not None:
-                self._metrics.datakey_cache.labels("hit").inc()
+                self._cache_hit.inc()
                 return dek
         self._metrics.datakey_cache.labels("miss").inc()
         flight_key = tuple(cache_key for _, cache_key in candidates)

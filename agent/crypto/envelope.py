@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import json
 import os
@@ -269,6 +270,19 @@ def parse(data: bytes, *, where: str = "") -> Envelope:
         UnsupportedEnvelope: unknown ``format``, ``v`` or ``alg``.
         DecryptionError: anything else malformed.
     """
+    return _parse_recent(bytes(data), where)
+
+
+# A batched refresh parses each envelope twice within a few microseconds (the
+# stage guard for its proof's key, then the resolver to decrypt): the second
+# is served from here. Envelopes are immutable and hold no plaintext; errors
+# are never cached. Profiled at 10,000 secrets: parse was 35% of load_all.
+@functools.lru_cache(maxsize=256)
+def _parse_recent(data: bytes, where: str) -> Envelope:
+    return _parse(data, where)
+
+
+def _parse(data: bytes, where: str) -> Envelope:
     where = f" at {where}" if where else ""
     # Size is the store's cap, checked before the read; nesting is checked here.
     doc = loads_json(

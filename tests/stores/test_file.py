@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -335,10 +336,15 @@ async def test_os_errors_reading_the_store_are_unavailable_not_missing(
     """The mapping the chmod test checks as non-root, checked as root too."""
     await _staged(store, "app", "v1")
 
-    def refuse(path: object) -> None:
-        raise OSError(code, os.strerror(code), str(path))
+    real_lstat = os.lstat
+    secrets = os.fspath(store.root / "secrets")
 
-    monkeypatch.setattr(Path, "lstat", refuse)
+    def refuse(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if os.fspath(path).startswith(secrets):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", refuse)
     with pytest.raises(BackendUnavailable, match=errno.errorcode[code]):
         await store.read_stages("app")
 
