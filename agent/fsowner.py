@@ -1,0 +1,154 @@
+"""Ownership checks of the directories the agent writes into or serves from.
+
+Every such directory must belong to the agent's uid or root and be writable by
+nobody else, or another local user could swap a file, a socket or a whole
+directory under it. The check walks the real path from "/" with O_NOFOLLOW, one
+component at a time relative to the descriptor of the one before, and hands
+back a descriptor of the checked directory: every write then goes relative to
+that descriptor (:func:`agent.fsutil.atomic_write_at`), so a rename or symlink
+swap after the check cannot redirect it. Re-exported by :mod:`agent.fsutil`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import stat
+from pathlib import Path
+
+_DIR_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeDirectory(Exception):
+    """A directory fails the ownership check; ``message`` names path, owner, mode and fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def describe(path: Path | str, st: os.stat_result) -> str:
+    """``/x (owner nobody uid 65534, mode 0755)`` for error messages."""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = "?"
+    return f"{path} (owner {user} uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+
+
+def _trusted_owner(st: os.stat_result) -> bool:
+    return st.st_uid in (0, os.geteuid())
+
+
+def check_directory(
+    path: Path | str, st: os.stat_result, *, shared_ok: bool, what: str = "directory"
+) -> None:
+    """Raise :class:`UnsafeDirectory` unless ``st`` (of ``path``) is safe to write under.
+
+    Args:
+        shared_ok: others may write in it if it is sticky (they can then
+            create entries but not rename or remove ours), e.g. ``/tmp`` as a
+            parent, or ``/dev/shm`` for a single rendered file.
+    """
+    me = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeDirectory(f"{what} {path} is not a directory")
+    if not _trusted_owner(st):
+        who = "root" if me == 0 else f"uid {me} or root"
+        raise UnsafeDirectory(
+            f"{what} {describe(path, st)} is not owned by {who}: its owner could swap what "
+            f"the agent writes there. Fix: chown {'root' if me == 0 else me} {path} "
+            "(or remove it and let the agent create it), or choose a directory the agent owns"
+        )
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if writable and not (shared_ok and st.st_mode & stat.S_ISVTX):
+        raise UnsafeDirectory(
+            f"{what} {describe(path, st)} is writable by group or others: they could swap "
+            f"what the agent writes there. Fix: chmod go-w {path}, or use a subdirectory "
+            "that the agent creates itself"
+        )
+
+
+def open_checked_dir(
+    path: Path,
+    *,
+    create_mode: int | None = None,
+    shared_ok: bool = False,
+    shared_parent_ok: bool = False,
+    what: str = "directory",
+) -> int:
+    """Open ``path`` (a directory) after checking it and every ancestor; return the fd.
+
+    Ancestors must be owned by the agent's uid or root and, if writable by
+    others, sticky (``/tmp``, ``/dev/shm``); ``shared_parent_ok`` also accepts
+    a world-writable, non-sticky direct parent (a Kubernetes ``emptyDir``
+    the config names a shared volume), because the directory itself is then
+    created and verified by the agent. ``path`` itself follows
+    :func:`check_directory` with ``shared_ok``.
+
+    Args:
+        create_mode: create ``path`` with this mode if missing (its parent
+            must exist); a directory the agent creates is owned by it.
+
+    Returns:
+        An ``O_RDONLY`` descriptor of the directory (``O_PATH`` where the
+        agent may not read it); the caller closes it.
+
+    Raises:
+        UnsafeDirectory: naming the offending path, its owner and mode, and the fix.
+        FileNotFoundError: ``path`` or an ancestor does not exist.
+    """
+    real = Path(os.path.realpath(path))
+    parts = real.parts[1:]
+    fd = os.open("/", os.O_PATH | _DIR_FLAGS)
+    try:
+        current = Path("/")
+        check_directory(current, os.fstat(fd), shared_ok=True, what="ancestor directory")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            current = current / part
+            if last and create_mode is not None:
+                _mkdir_at(fd, part, create_mode)
+            nxt = _open_dir_at(fd, part, current, final=last)
+            os.close(fd)
+            fd = nxt
+            st = os.fstat(fd)
+            if last:
+                check_directory(current, st, shared_ok=shared_ok, what=what)
+            elif not (shared_parent_ok and i == len(parts) - 2 and _trusted_owner(st)):
+                check_directory(current, st, shared_ok=True, what="ancestor directory")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _mkdir_at(dir_fd: int, name: str, mode: int) -> None:
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        return  # checked like any existing directory
+    # Exactly ``mode``, whatever the umask; fchmod on a no-follow descriptor.
+    sub = os.open(name, os.O_RDONLY | _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(sub, mode)
+    finally:
+        os.close(sub)
+
+
+def _open_dir_at(dir_fd: int, name: str, path: Path, *, final: bool) -> int:
+    try:
+        if final:
+            try:
+                return os.open(name, os.O_RDONLY | _DIR_FLAGS, dir_fd=dir_fd)
+            except PermissionError:
+                pass
+        return os.open(name, os.O_PATH | _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeDirectory(
+                f"{path} changed into a symlink or non-directory while the agent checked it; "
+                "refusing to follow it"
+            ) from None
+        raise
