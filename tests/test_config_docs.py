@@ -9,7 +9,8 @@ def test_every_config_field_has_a_description() -> None:
     problems = config_docs.problems()
     assert not problems, (
         "config fields without a description (add one with Field(description=...) in "
-        "agent/config.py or in DESCRIPTIONS in agent/config_docs.py):\n" + "\n".join(problems)
+        "agent/config.py or in DESCRIPTIONS in agent/config_descriptions.py):\n"
+        + "\n".join(problems)
     )
 
 
