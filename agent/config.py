@@ -9,9 +9,9 @@ directory. Every field has a default, listed in ``docs/configuration.md``.
 
 The models are defined in :mod:`agent.config_scalars` (scalar types, the
 model base), :mod:`agent.config_backends` (keys, data keys, stores) and
-:mod:`agent.config_sections` (the other sections); this module holds the root
-:class:`AgentConfig` and the loading, and re-exports every name, so import
-from ``agent.config``.
+:mod:`agent.config_sections` (the other sections), the strict YAML reading in
+:mod:`agent.config_yaml`; this module holds the root :class:`AgentConfig` and
+the validation, and re-exports every name, so import from ``agent.config``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import (
     Field,
     ValidationError,
@@ -30,15 +29,8 @@ from pydantic import (
     field_validator,
 )
 
-from agent.bounded import (
-    MAX_CONFIG_DEPTH,
-    MAX_CONFIG_SIZE,
-    TooLarge,
-    read_capped,
-    yaml_depth_ok,
-)
-
-# The sections live in three modules; everything is importable from here.
+# The sections live in three modules, the YAML reading in a fourth; everything
+# is importable from here.
 from agent.config_backends import (
     AwsSecretsManagerStoreConfig,
     ByteSize,
@@ -89,6 +81,7 @@ from agent.config_sections import (
     WaitConfig,
     _default_access,
 )
+from agent.config_yaml import load_yaml, parse_yaml_text, read_config_bytes
 from agent.errors import ConfigError
 
 
@@ -325,93 +318,6 @@ def parse_config(
         raise ConfigError("\n".join(problems)) from None
 
 
-def _node_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
-    """The line of every YAML path under ``node``; a duplicate mapping key is an error.
-
-    PyYAML's safe loader lets the last of two equal keys win silently; a config
-    with two ``metrics:`` blocks is almost always a paste error, so it is refused.
-    """
-    lines: dict[str, int] = {}
-    stack: list[tuple[yaml.Node, str]] = [(node, "")] if node is not None else []
-    while stack:
-        current, where = stack.pop()
-        if isinstance(current, yaml.MappingNode):
-            seen: dict[object, int] = {}
-            for key_node, value_node in current.value:
-                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-                line = key_node.start_mark.line + 1
-                sub = f"{where}.{key}" if where else str(key)
-                if key is not None and key != "<<" and key in seen:
-                    raise ConfigError(
-                        f"{path}:{line}: {sub}: duplicate key {key!r} "
-                        f"(first at line {seen[key]}); remove one"
-                    )
-                seen[key] = line
-                lines.setdefault(sub, line)
-                stack.append((value_node, sub))
-        elif isinstance(current, yaml.SequenceNode):
-            for i, item in enumerate(current.value):
-                sub = f"{where}[{i}]"
-                lines.setdefault(sub, item.start_mark.line + 1)
-                stack.append((item, sub))
-    return lines
-
-
-def _read_config_bytes(path: Path) -> bytes:
-    try:
-        return read_capped(path, limit=MAX_CONFIG_SIZE)
-    except TooLarge as exc:
-        raise ConfigError(f"config {str(path)!r} is too large: {exc}") from None
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ConfigError(f"cannot read config {str(path)!r}: {reason}") from None
-
-
-def parse_yaml_text(raw: bytes, *, path: Path) -> tuple[object, dict[str, int]]:
-    """Decode and parse a config file's bytes strictly: the data, and each YAML path's line.
-
-    Raises:
-        ConfigError: naming ``path`` and the reason: not UTF-8 (with the line),
-            invalid or too deeply nested YAML, or a duplicate key (with its line).
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
-            "save the file as UTF-8"
-        ) from None
-    loader: yaml.SafeLoader | None = None
-    try:
-        # Inside the try: the loader's reader refuses some characters (NUL) at once.
-        loader = yaml.SafeLoader(text)
-        if not yaml_depth_ok(text, MAX_CONFIG_DEPTH):
-            raise ConfigError(
-                f"{path}: YAML nested more than {MAX_CONFIG_DEPTH} levels deep; refused"
-            )
-        node = loader.get_single_node()
-        lines = _node_lines(node, path)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:
-        # The YAML library's own limits (e.g. a huge number, deep aliases).
-        raise ConfigError(f"{path}: YAML could not be read ({type(exc).__name__})") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return data, lines
-
-
-def load_yaml(path: Path) -> tuple[object, dict[str, int]]:
-    """Read a config file's YAML strictly (see :func:`parse_yaml_text`), without validating it."""
-    return parse_yaml_text(_read_config_bytes(path), path=path)
-
-
 def load_config(path: Path) -> AgentConfig:
     """Read and validate the YAML config at ``path``.
 
@@ -419,7 +325,7 @@ def load_config(path: Path) -> AgentConfig:
         ConfigError: unreadable or too large file, bad YAML, a duplicate key, or
             invalid content; each problem names the file, its line and YAML path.
     """
-    return parse_config_text(_read_config_bytes(path), path=path)
+    return parse_config_text(read_config_bytes(path), path=path)
 
 
 def parse_config_text(raw: bytes, *, path: Path) -> AgentConfig:
