@@ -28,22 +28,16 @@ peer under a quiet watch, and an expired auth token is renewed once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
-
-import aetcd
-import aetcd.exceptions
+from typing import Any
 
 from agent.bounded import DEFAULT_LIMITS, Limits
 from agent.config import AgentConfig, EtcdStoreConfig, read_secret_ref
 from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
-    AgentError,
     BackendUnavailable,
     ConfigError,
     Conflict,
@@ -60,11 +54,10 @@ from agent.stores.base import (
 )
 from agent.stores.etcd_client import (
     _RPC_ERRORS,
+    EtcdConnection,
     EtcdTls,
     _Client,
     _map_error,
-    _outcome,
-    _rpc_status,
     _split_endpoint,
     _stages,
     _unwrap,
@@ -75,7 +68,6 @@ from agent.types import (
     validate_version_id,
 )
 
-T = TypeVar("T")
 _RESERVED = frozenset({"versions", "stages"})
 
 
@@ -111,46 +103,19 @@ class EtcdStore:
         self.prefix = prefix.rstrip("/")
         self.timeout = timeout
         self.metrics = metrics
-        self._targets = itertools.cycle(
-            [(host, port, tls or (EtcdTls() if https else None)) for host, port, https in targets]
-        )
-        self._auth = (username, password)
-        self._options = {
-            # gRPC backs off reconnecting for up to 2 minutes by default: after a long
-            # outage that would delay noticing etcd is back far past our own backoff.
-            "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
-            "grpc.max_reconnect_backoff_ms": 1000,
-            # A peer that vanished without a reset leaves a quiet watch hanging: ping
-            # it (etcd refuses pings more often than every 5 s by default), and bound
-            # the wait for any ping's ack, which gRPC otherwise gives 60 s.
-            "grpc.keepalive_time_ms": int(keepalive * 1000),
-            "grpc.keepalive_timeout_ms": int(max(1.0, timeout) * 1000),
-            "grpc.http2.ping_timeout_ms": int(max(1.0, timeout) * 1000),
-        }
-        self._client = self._new_client()
-        self._connected = False
-        self._lock = asyncio.Lock()
-        self._closing: set[asyncio.Future[None]] = set()
-
-    def _new_client(self) -> _Client:
-        host, port, tls = next(self._targets)
-        return _Client(
-            host=host,
-            port=port,
-            username=self._auth[0],
-            password=self._auth[1],
-            timeout=max(1, round(self.timeout)),
-            options=self._options,
-            tls=tls,
+        self._conn = EtcdConnection(
+            [(host, port, tls or (EtcdTls() if https else None)) for host, port, https in targets],
+            username=username,
+            password=password,
+            timeout=timeout,
+            keepalive=keepalive,
+            metrics=metrics,
         )
 
-    def _reset(self) -> None:
-        """Start over on a fresh channel (to the next endpoint) after a connection failure."""
-        old, self._client, self._connected = self._client, self._new_client(), False
-        task = asyncio.ensure_future(_close_quietly(old))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    @property
+    def _client(self) -> _Client:
+        """The current client (a new one after a connection failure)."""
+        return self._conn.client
 
     @classmethod
     def from_config(
@@ -179,47 +144,6 @@ class EtcdStore:
     def _key(self, name: str, *parts: str) -> bytes:
         return "/".join((self.prefix, name, *parts)).encode()
 
-    async def _connect(self) -> None:
-        if not self._connected:
-            async with self._lock:
-                if not self._connected:
-                    async with asyncio.timeout(self.timeout):
-                        await self._client.connect()
-                    self._connected = True
-
-    async def _call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run one etcd operation with a timeout; map and count its outcome."""
-        for attempt in (1, 2):
-            try:
-                await self._connect()
-                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
-                # cancel that lands as the call completes (cpython gh-86296),
-                # and a cancelled scheduler or refresher then ran on for ever.
-                async with asyncio.timeout(self.timeout):
-                    result = await fn()
-            except AgentError as exc:
-                self._count(operation, exc)
-                raise
-            except _RPC_ERRORS as exc:
-                err = _map_error(exc, operation)
-                if attempt == 1 and "invalid auth token" in _rpc_status(exc)[1]:
-                    self._reset()  # the token expired: authenticate again, once
-                    continue
-                if isinstance(err, BackendUnavailable):
-                    self._reset()
-                self._count(operation, err)
-                raise err from None
-            self._count(operation, "ok")
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _count(self, operation: str, outcome: str | AgentError) -> None:
-        if self.metrics is None:
-            return
-        if isinstance(outcome, AgentError):
-            outcome = _outcome(outcome)
-        self.metrics.store_operations.labels(operation, outcome).inc()
-
     # ------------------------------------------------------------------ reads
 
     async def list_names(self) -> list[str]:
@@ -228,7 +152,7 @@ class EtcdStore:
             names = {self._name_of(kv.key.decode()) for kv in rows}
             return sorted(n for n in names if n is not None)
 
-        return await self._call("list_names", go)
+        return await self._conn.call("list_names", go)
 
     async def read_stages(self, name: str) -> StageState:
         check_name(name)
@@ -244,7 +168,7 @@ class EtcdStore:
                 raise SecretNotFound(f"secret {name!r} does not exist")
             return StageState({}, "")
 
-        return await self._call("read_stages", go)
+        return await self._conn.call("read_stages", go)
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         check_name(name)
@@ -258,7 +182,7 @@ class EtcdStore:
             created, envelope = _unwrap(got.value, name, version_id, self.limits)
             return StoredVersion(name, version_id, envelope, created)
 
-        return await self._call("read_version", go)
+        return await self._conn.call("read_version", go)
 
     async def _exists_or_raise(self, name: str) -> None:
         keys, _ = await self._client.count(self._key(name, ""))
@@ -278,7 +202,7 @@ class EtcdStore:
                 out.append((vid, _unwrap(kv.value, name, vid, self.limits)[0]))
             return sorted(out, key=lambda item: (item[1], item[0]))
 
-        return await self._call("list_versions", go)
+        return await self._conn.call("list_versions", go)
 
     # ----------------------------------------------------------------- writes
 
@@ -296,7 +220,7 @@ class EtcdStore:
             if not ok:
                 raise Conflict(f"secret {name!r} already has a version {version_id!r}")
 
-        await self._call("write_version", go)
+        await self._conn.call("write_version", go)
 
     async def replace_envelope(
         self, name: str, version_id: str, envelope: bytes, *, expected: bytes
@@ -322,7 +246,7 @@ class EtcdStore:
             if not ok:
                 raise Conflict(f"version {version_id!r} of {name!r} changed concurrently")
 
-        await self._call("replace_envelope", go)
+        await self._conn.call("replace_envelope", go)
 
     async def set_stages(
         self,
@@ -361,7 +285,7 @@ class EtcdStore:
             revision = responses[0].response_put.header.revision
             return StageState(dict(stages), str(revision), proof)
 
-        return await self._call("set_stages", go)
+        return await self._conn.call("set_stages", go)
 
     async def delete_version(self, name: str, version_id: str) -> None:
         """Delete one unstaged version in a transaction guarded by the stage map's revision."""
@@ -391,7 +315,7 @@ class EtcdStore:
                 raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
             raise Conflict(f"stage map of secret {name!r} changed concurrently; not deleted")
 
-        await self._call("delete_version", go)
+        await self._conn.call("delete_version", go)
 
     async def _explain_failed_move(
         self, name: str, stages: Mapping[str, str], expected: str
@@ -416,7 +340,7 @@ class EtcdStore:
             _, revision = await self._client.count(prefix)
             return await self._client.watch_prefix(prefix, start_revision=revision + 1)
 
-        stream = await self._call("watch", start)
+        stream = await self._conn.call("watch", start)
         yield WatchEvent(None)
         try:
             async for event in stream:
@@ -424,7 +348,7 @@ class EtcdStore:
                 if name is not None:
                     yield WatchEvent(frozenset({name}))
         except _RPC_ERRORS as exc:
-            self._count("watch", "unavailable")
+            self._conn.count("watch", "unavailable")
             raise BackendUnavailable(
                 f"etcd watch broke: {_map_error(exc, 'watch').message}"
             ) from None
@@ -442,13 +366,4 @@ class EtcdStore:
         return None
 
     async def aclose(self) -> None:
-        if self._connected:
-            await _close_quietly(self._client)
-            self._connected = False
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-async def _close_quietly(client: aetcd.Client) -> None:
-    with contextlib.suppress(Exception):
-        await client.close()
+        await self._conn.aclose()

@@ -1,16 +1,20 @@
-"""The etcd store's connection (TLS, endpoints, auth) and error mapping, and its value
-encoding (see :mod:`agent.stores.etcd`).
+"""The etcd store's connection (TLS, endpoints, auth, timeouts, reconnects) and error
+mapping, and its value encoding (see :mod:`agent.stores.etcd`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import itertools
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -29,6 +33,9 @@ from agent.errors import (
     DecryptionError,
     MalformedStoreData,
 )
+from agent.metrics import Metrics
+
+T = TypeVar("T")
 
 _AUTH_FAILED = ("authentication failed", "user name is empty", "invalid auth token")
 _RPC_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, TimeoutError, OSError)
@@ -103,6 +110,121 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         request = rpc.RangeRequest(key=prefix, range_end=prefix_range_end(prefix), count_only=True)
         resp = await self.kvstub.Range(request, timeout=self._timeout, metadata=self.metadata)
         return int(resp.count), int(resp.header.revision)
+
+
+class EtcdConnection:
+    """The store's client: endpoints tried in turn, one lazy connect, a timeout per call.
+
+    After a connection failure the next call starts over on a fresh channel to
+    the next endpoint; an expired auth token is renewed once. Every call's
+    outcome is counted in ``secrets_agent_store_operations_total``.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[tuple[str, int, EtcdTls | None]],
+        *,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+        keepalive: float,
+        metrics: Metrics | None,
+    ) -> None:
+        self.timeout = timeout
+        self.metrics = metrics
+        self._targets = itertools.cycle(targets)
+        self._auth = (username, password)
+        self._options = {
+            # gRPC backs off reconnecting for up to 2 minutes by default: after a long
+            # outage that would delay noticing etcd is back far past our own backoff.
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+            # A peer that vanished without a reset leaves a quiet watch hanging: ping
+            # it (etcd refuses pings more often than every 5 s by default), and bound
+            # the wait for any ping's ack, which gRPC otherwise gives 60 s.
+            "grpc.keepalive_time_ms": int(keepalive * 1000),
+            "grpc.keepalive_timeout_ms": int(max(1.0, timeout) * 1000),
+            "grpc.http2.ping_timeout_ms": int(max(1.0, timeout) * 1000),
+        }
+        self.client = self._new_client()
+        self._connected = False
+        self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Future[None]] = set()
+
+    def _new_client(self) -> _Client:
+        host, port, tls = next(self._targets)
+        return _Client(
+            host=host,
+            port=port,
+            username=self._auth[0],
+            password=self._auth[1],
+            timeout=max(1, round(self.timeout)),
+            options=self._options,
+            tls=tls,
+        )
+
+    def _reset(self) -> None:
+        """Start over on a fresh channel (to the next endpoint) after a connection failure."""
+        old, self.client, self._connected = self.client, self._new_client(), False
+        task = asyncio.ensure_future(_close_quietly(old))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _connect(self) -> None:
+        if not self._connected:
+            async with self._lock:
+                if not self._connected:
+                    async with asyncio.timeout(self.timeout):
+                        await self.client.connect()
+                    self._connected = True
+
+    async def call(self, operation: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one etcd operation (``fn`` uses :attr:`client`) with a timeout; map and
+        count its outcome."""
+        for attempt in (1, 2):
+            try:
+                await self._connect()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+                # cancel that lands as the call completes (cpython gh-86296),
+                # and a cancelled scheduler or refresher then ran on for ever.
+                async with asyncio.timeout(self.timeout):
+                    result = await fn()
+            except AgentError as exc:
+                self.count(operation, exc)
+                raise
+            except _RPC_ERRORS as exc:
+                err = _map_error(exc, operation)
+                if attempt == 1 and "invalid auth token" in _rpc_status(exc)[1]:
+                    self._reset()  # the token expired: authenticate again, once
+                    continue
+                if isinstance(err, BackendUnavailable):
+                    self._reset()
+                self.count(operation, err)
+                raise err from None
+            self.count(operation, "ok")
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def count(self, operation: str, outcome: str | AgentError) -> None:
+        if self.metrics is None:
+            return
+        if isinstance(outcome, AgentError):
+            outcome = _outcome(outcome)
+        self.metrics.store_operations.labels(operation, outcome).inc()
+
+    async def aclose(self) -> None:
+        """Close the channel and any left closing after a reset."""
+        if self._connected:
+            await _close_quietly(self.client)
+            self._connected = False
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close_quietly(client: aetcd.Client) -> None:
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 def _rpc_status(exc: BaseException) -> tuple[Any, str]:
