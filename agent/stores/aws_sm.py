@@ -40,7 +40,6 @@ from agent.config import AgentConfig, AwsSecretsManagerStoreConfig
 from agent.errors import (
     AccessDenied,
     AgentError,
-    BackendUnavailable,
     BadRequest,
     Conflict,
     DecryptionError,
@@ -49,7 +48,7 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion, check_stage_map
+from agent.stores.base import StageState, StoredVersion, check_stage_map, store_outcome
 from agent.types import (
     AWS_STAGE_NAMES,
     STAGE_ALIASES,
@@ -156,20 +155,9 @@ class SecretsManagerStore:
         return result
 
     def _count(self, operation: str, err: AgentError | None) -> None:
-        if self.metrics is None:
-            return
-        outcome = (
-            "ok"
-            if err is None
-            else (
-                "not_found"
-                if isinstance(err, NotFound)
-                else "unavailable"
-                if isinstance(err, BackendUnavailable)
-                else "error"
-            )
-        )
-        self.metrics.store_operations.labels(operation, outcome).inc()
+        if self.metrics is not None:
+            outcome = "ok" if err is None else store_outcome(err)
+            self.metrics.store_operations.labels(operation, outcome).inc()
 
     def _writable(self) -> None:
         if self.plaintext:

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from agent.errors import BadRequest, InvalidName
+from agent.errors import (
+    AgentError,
+    BackendUnavailable,
+    BadRequest,
+    Conflict,
+    InvalidName,
+    NotFound,
+)
 from agent.types import STAGE_ALIASES, normalize_stage, validate_name, validate_version_id
 
 
@@ -53,6 +60,17 @@ def check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:
             raise BadRequest(f"stage labels are stored normalised, got {stage!r}")
         validate_version_id(version_id)
     return dict(stages)
+
+
+def store_outcome(err: AgentError) -> str:
+    """The ``outcome`` label of a failed store call in ``secrets_agent_store_operations_total``."""
+    if isinstance(err, NotFound):
+        return "not_found"
+    if isinstance(err, BackendUnavailable):
+        return "unavailable"
+    if isinstance(err, Conflict):
+        return "conflict"
+    return "error"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,11 +29,11 @@ from agent.errors import (
     BackendUnavailable,
     BadRequest,
     ConfigError,
-    Conflict,
     DecryptionError,
     MalformedStoreData,
 )
 from agent.metrics import Metrics
+from agent.stores.base import store_outcome
 
 T = TypeVar("T")
 
@@ -210,7 +210,7 @@ class EtcdConnection:
         if self.metrics is None:
             return
         if isinstance(outcome, AgentError):
-            outcome = _outcome(outcome)
+            outcome = store_outcome(outcome)
         self.metrics.store_operations.labels(operation, outcome).inc()
 
     async def aclose(self) -> None:
@@ -246,12 +246,6 @@ def _map_error(exc: BaseException, operation: str) -> AgentError:
         return BadRequest(f"etcd refused {operation} ({details})")
     reason = code.name if code is not None else type(exc).__name__
     return BackendUnavailable(f"etcd unavailable during {operation}: {reason}")
-
-
-def _outcome(err: AgentError) -> str:
-    if isinstance(err, Conflict | BackendUnavailable):
-        return "conflict" if isinstance(err, Conflict) else "unavailable"
-    return "not_found" if err.status == 404 else "error"
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, int, bool]:

@@ -52,6 +52,7 @@ from agent.stores.base import (
     StoredVersion,
     WatchEvent,
     check_stage_map,
+    store_outcome,
 )
 from agent.stores.file_ops import (
     _DIR_MODE,
@@ -62,7 +63,6 @@ from agent.stores.file_ops import (
     _identity,
     _is_listable,
     _marker,
-    _outcome,
     check_name,
 )
 from agent.stores.file_watch import Batch, watch_store
@@ -252,7 +252,7 @@ class FileStore(DiskOps):
         if self.metrics is not None:
             outcomes: dict[str, int] = {}
             for r in results:
-                key = _outcome(r) if isinstance(r, AgentError) else "ok"
+                key = store_outcome(r) if isinstance(r, AgentError) else "ok"
                 outcomes[key] = outcomes.get(key, 0) + 1
             for outcome, n in outcomes.items():
                 self.metrics.store_operations.labels(operation, outcome).inc(n)
@@ -281,7 +281,7 @@ class FileStore(DiskOps):
             except OSError as exc:  # a safety net: the helpers translate what they expect
                 raise self._os_error(exc, operation, self.root) from None
         except AgentError as exc:
-            self._count(operation, _outcome(exc))
+            self._count(operation, store_outcome(exc))
             raise
         self._count(operation, "ok")
         return result

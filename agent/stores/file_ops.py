@@ -26,7 +26,6 @@ from agent.errors import (
     DecryptionError,
     InvalidName,
     MalformedStoreData,
-    NotFound,
     SecretNotFound,
     VersionNotFound,
 )
@@ -309,16 +308,6 @@ class DiskOps:
             raise VersionNotFound(f"{what} does not exist") from None
         except OSError as exc:
             raise self._os_error(exc, what, path) from None
-
-
-def _outcome(exc: AgentError) -> str:
-    if isinstance(exc, NotFound):
-        return "not_found"
-    if isinstance(exc, BackendUnavailable):
-        return "unavailable"
-    if isinstance(exc, Conflict):
-        return "conflict"
-    return "error"
 
 
 def _parse_stages(data: bytes, what: str, limits: Limits) -> dict[str, str]:

@@ -26,7 +26,6 @@ from agent.config import AgentConfig, S3StoreConfig
 from agent.crypto.stageproof import PROOF_KEY
 from agent.errors import (
     AgentError,
-    BackendUnavailable,
     Conflict,
     DecryptionError,
     MalformedStoreData,
@@ -35,7 +34,13 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion, check_stage_map, check_store_name
+from agent.stores.base import (
+    StageState,
+    StoredVersion,
+    check_stage_map,
+    check_store_name,
+    store_outcome,
+)
 from agent.types import (
     utcnow,
     validate_version_id,
@@ -97,7 +102,7 @@ class S3Store:
                 self._count(operation, "ok" if error_code(exc) == "304" else "conflict")
                 raise
             err = map_error(exc, what=f"s3 {operation}")
-            self._count(operation, _outcome(err))
+            self._count(operation, store_outcome(err))
             raise err from None
         self._count(operation, "ok")
         return result
@@ -304,14 +309,6 @@ class S3Store:
 
     async def aclose(self) -> None:
         await self._aws.aclose()
-
-
-def _outcome(err: AgentError) -> str:
-    if isinstance(err, NotFound):
-        return "not_found"
-    if isinstance(err, BackendUnavailable):
-        return "unavailable"
-    return "error"
 
 
 def _created(obj: Mapping[str, Any]) -> datetime:
