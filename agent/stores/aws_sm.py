@@ -28,10 +28,8 @@ protected by AWS's own KMS encryption; writing is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from agent.aws import AwsClient, error_code, map_error
@@ -48,32 +46,29 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.metrics import Metrics
-from agent.stores.base import StageState, StoredVersion, check_stage_map, store_outcome
-from agent.types import (
-    AWS_STAGE_NAMES,
-    STAGE_ALIASES,
-    validate_name,
-    validate_version_id,
+from agent.stores.aws_sm_mapping import (
+    PROOF_TAG,
+    STAGED_TAG,
+    WRITTEN,
+    aws_label,
+    from_token,
+    labels_of,
+    stage_state,
+    to_token,
+    unstaged,
+    utc,
 )
+from agent.stores.base import StageState, StoredVersion, check_stage_map, store_outcome
+from agent.types import validate_name, validate_version_id
 
-WRITTEN = "SECRETS_AGENT_WRITTEN"
-STAGED_TAG = "secrets-agent:staged"
-#: The stage map's proof (agent.crypto.stageproof): AWS keeps tags per secret,
-#: and the proof's alphabet (A-Za-z0-9 : _ . -) is one AWS tag values accept.
-PROOF_TAG = "secrets-agent:stage-proof"
-_PAD = "~"
-
-
-def to_token(version_id: str) -> str:
-    """Our version id as an AWS ClientRequestToken (32-64 characters)."""
-    validate_version_id(version_id)
-    if len(version_id) > 64:
-        raise BadRequest("version ids on aws-secretsmanager are at most 64 characters")
-    return version_id.ljust(32, _PAD)
-
-
-def from_token(token: str) -> str:
-    return token.rstrip(_PAD)
+__all__ = [
+    "PROOF_TAG",
+    "STAGED_TAG",
+    "WRITTEN",
+    "SecretsManagerStore",
+    "from_token",
+    "to_token",
+]
 
 
 class SecretsManagerStore:
@@ -200,28 +195,8 @@ class SecretsManagerStore:
         self._saw(name, doc)
         return doc
 
-    @staticmethod
-    def _unstaged(doc: Mapping[str, Any]) -> bool:
-        return any(
-            t.get("Key") == STAGED_TAG and t.get("Value") == "false"
-            for t in doc.get("Tags", []) or []
-        )
-
     async def read_stages(self, name: str) -> StageState:
-        doc = await self._describe(name)
-        if self._unstaged(doc):
-            return StageState({}, "")
-        stages: dict[str, str] = {}
-        for token, labels in (doc.get("VersionIdsToStages") or {}).items():
-            for label in labels:
-                if label != WRITTEN:
-                    stages[STAGE_ALIASES.get(label, label)] = from_token(token)
-        proof = next(
-            (t.get("Value") for t in doc.get("Tags", []) or [] if t.get("Key") == PROOF_TAG), None
-        )
-        blob = json.dumps([stages, proof], sort_keys=True).encode()
-        revision = hashlib.sha256(blob).hexdigest()[:32] if stages else ""
-        return StageState(stages, revision, proof if stages else None)
+        return stage_state(await self._describe(name))
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         kw: dict[str, Any] = {"SecretId": self._aws_name(name)}
@@ -252,7 +227,7 @@ class SecretsManagerStore:
                 f"version {version_id!r} of secret {name!r}: {len(value)} bytes, over "
                 f"store.max_object_size ({self.limits.max_object_size}); refused"
             )
-        return StoredVersion(name, version_id, value, _utc(doc.get("CreatedDate")))
+        return StoredVersion(name, version_id, value, utc(doc.get("CreatedDate")))
 
     async def list_versions(self, name: str) -> list[tuple[str, datetime]]:
         await self._describe(name)  # SecretNotFound for a missing or deleted secret
@@ -268,7 +243,7 @@ class SecretsManagerStore:
                 kw["NextToken"] = token
             page = await self._call("list_versions", "list_secret_version_ids", **kw)
             for v in page.get("Versions", []):
-                out.append((from_token(v["VersionId"]), _utc(v.get("CreatedDate"))))
+                out.append((from_token(v["VersionId"]), utc(v.get("CreatedDate"))))
             token = page.get("NextToken")
             if not token:
                 return sorted(out, key=lambda item: (item[1], item[0]))
@@ -349,10 +324,10 @@ class SecretsManagerStore:
             if vid not in versions:
                 raise VersionNotFound(f"secret {name!r} has no version {vid!r}")
         doc = await self._describe(name)
-        actual = self._labels(doc)
+        actual = labels_of(doc)
         order = sorted(set(stages) | set(current.stages), key=lambda s: s != "CURRENT")
         for stage in order:
-            await self._move(name, stage, actual.get(_aws_label(stage)), stages.get(stage))
+            await self._move(name, stage, actual.get(aws_label(stage)), stages.get(stage))
         if proof is not None:
             await self._call(
                 "set_stages",
@@ -360,7 +335,7 @@ class SecretsManagerStore:
                 SecretId=self._aws_name(name),
                 Tags=[{"Key": PROOF_TAG, "Value": proof}],
             )
-        if self._unstaged(doc):
+        if unstaged(doc):
             await self._call(
                 "set_stages", "untag_resource", SecretId=self._aws_name(name), TagKeys=[STAGED_TAG]
             )
@@ -393,18 +368,10 @@ class SecretsManagerStore:
                 RemoveFromVersionId=token,
             )
 
-    @staticmethod
-    def _labels(doc: Mapping[str, Any]) -> dict[str, str]:
-        out = {}
-        for token, labels in (doc.get("VersionIdsToStages") or {}).items():
-            for label in labels:
-                out[label] = token
-        return out
-
     async def _move(
         self, name: str, stage: str, from_token_: str | None, to_version: str | None
     ) -> None:
-        label = _aws_label(stage)
+        label = aws_label(stage)
         target = to_token(to_version) if to_version is not None else None
         if from_token_ == target:
             return
@@ -425,13 +392,3 @@ class SecretsManagerStore:
 
     async def aclose(self) -> None:
         await self._aws.aclose()
-
-
-def _aws_label(stage: str) -> str:
-    return AWS_STAGE_NAMES.get(stage, stage)
-
-
-def _utc(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    return datetime.now(UTC)
