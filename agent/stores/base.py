@@ -17,7 +17,7 @@ Errors, and what they mean:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -47,6 +47,16 @@ def check_store_name(name: str, *, store: str, reserved: frozenset[str]) -> str:
             f"{min(clash)!r} is reserved by its layout ({', '.join(sorted(reserved))})"
         )
     return name
+
+
+def name_checker(store: str, reserved: frozenset[str]) -> Callable[[str], str]:
+    """A store's ``check_name``: :func:`check_store_name` with its layout's reserved segments."""
+
+    def check_name(name: str) -> str:
+        """``name`` if it is valid and cannot collide with the layout's own path segments."""
+        return check_store_name(name, store=store, reserved=reserved)
+
+    return check_name
 
 
 def check_stage_map(stages: Mapping[str, str]) -> dict[str, str]:

@@ -50,7 +50,7 @@ from agent.stores.base import (
     StoredVersion,
     WatchEvent,
     check_stage_map,
-    check_store_name,
+    name_checker,
 )
 from agent.stores.etcd_client import (
     _RPC_ERRORS,
@@ -63,17 +63,9 @@ from agent.stores.etcd_client import (
     _unwrap,
     _wrap,
 )
-from agent.types import (
-    utcnow,
-    validate_version_id,
-)
+from agent.types import utcnow, validate_version_id
 
-_RESERVED = frozenset({"versions", "stages"})
-
-
-def check_name(name: str) -> str:
-    """A valid name that cannot collide with the layout's own path segments."""
-    return check_store_name(name, store="etcd", reserved=_RESERVED)
+check_name = name_checker("etcd", frozenset({"versions", "stages"}))
 
 
 class EtcdStore:

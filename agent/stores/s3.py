@@ -38,20 +38,12 @@ from agent.stores.base import (
     StageState,
     StoredVersion,
     check_stage_map,
-    check_store_name,
+    name_checker,
     store_outcome,
 )
-from agent.types import (
-    utcnow,
-    validate_version_id,
-)
+from agent.types import utcnow, validate_version_id
 
-_RESERVED = frozenset({"versions", "stages.json"})
-
-
-def check_name(name: str) -> str:
-    """A valid name that cannot collide with the layout's own path segments."""
-    return check_store_name(name, store="s3", reserved=_RESERVED)
+check_name = name_checker("s3", frozenset({"versions", "stages.json"}))
 
 
 class S3Store:
