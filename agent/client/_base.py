@@ -182,6 +182,26 @@ class Endpoint:
         return UnavailableError(f"cannot reach the agent at {self.where}: {reason}")
 
 
+class ClientBase:
+    """What both clients hold: where the agent is (see :meth:`Endpoint.of`)."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None,
+        *,
+        base_url: str | None,
+        token: str | None,
+    ) -> None:
+        self._endpoint = Endpoint.of(socket_path, base_url=base_url, token=token)
+        self.base_url = self._endpoint.base_url
+        self.socket_path = self._endpoint.socket_path
+
+    @property
+    def where(self) -> str:
+        """The socket path or base URL, for messages."""
+        return self._endpoint.where
+
+
 @dataclass(frozen=True, slots=True)
 class Call(Generic[T]):
     """One read: the path to GET and how the (successful) body becomes the result."""
@@ -214,6 +234,11 @@ def _document(body: bytes) -> dict[str, Any]:
 def _secrets(body: bytes) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = json.loads(body)["secrets"]
     return items
+
+
+def document_call(path: str) -> Call[Any]:
+    """Any GET answered with JSON, parsed."""
+    return Call(path, _json)
 
 
 def get_call(name: str, key: str | None, stage: str | None, version: str | None) -> Call[str]:

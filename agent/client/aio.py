@@ -9,7 +9,7 @@ from agent.client._base import (
     LIST_CALL,
     STATUS_CALL,
     Call,
-    Endpoint,
+    ClientBase,
     T,
     bytes_call,
     describe_call,
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 
-class AsyncSecretsClient:
+class AsyncSecretsClient(ClientBase):
     """Asyncio client on aiohttp. Use ``async with`` or call :meth:`aclose`."""
 
     def __init__(
@@ -35,9 +35,8 @@ class AsyncSecretsClient:
     ) -> None:
         import aiohttp
 
-        self._endpoint = endpoint = Endpoint.of(socket_path, base_url=base_url, token=token)
-        self.base_url = endpoint.base_url
-        self.socket_path = endpoint.socket_path
+        super().__init__(socket_path, base_url=base_url, token=token)
+        endpoint = self._endpoint
         connector: aiohttp.BaseConnector
         if endpoint.tcp is not None:
             host, port = endpoint.tcp
@@ -54,11 +53,6 @@ class AsyncSecretsClient:
 
     def __repr__(self) -> str:
         return f"AsyncSecretsClient({self.where!r})"
-
-    @property
-    def where(self) -> str:
-        """The socket path or base URL, for messages."""
-        return self._endpoint.where
 
     async def __aenter__(self) -> AsyncSecretsClient:
         return self

@@ -13,11 +13,12 @@ from agent.client._base import (
     LIST_CALL,
     STATUS_CALL,
     Call,
+    ClientBase,
     ClientError,
-    Endpoint,
     T,
     bytes_call,
     describe_call,
+    document_call,
     get_call,
     json_call,
     raise_for,
@@ -59,7 +60,7 @@ def _check_server(sock: socket.socket, path: Path, expected: int) -> None:
         )
 
 
-class SecretsClient:
+class SecretsClient(ClientBase):
     """Synchronous client on the standard library (one connection per call)."""
 
     def __init__(
@@ -74,21 +75,14 @@ class SecretsClient:
         """``server_uid`` (else ``$SECRETS_AGENT_SERVER_UID``): refuse a socket served
         by any other uid (SO_PEERCRED), e.g. one swapped in by another user."""
         self.timeout = timeout
-        self._endpoint = Endpoint.of(socket_path, base_url=base_url, token=token)
+        super().__init__(socket_path, base_url=base_url, token=token)
         env_uid = os.environ.get("SECRETS_AGENT_SERVER_UID", "")
         if server_uid is None and env_uid.isdigit():
             server_uid = int(env_uid)
         self.server_uid = server_uid
-        self.base_url = self._endpoint.base_url
-        self.socket_path = self._endpoint.socket_path
 
     def __repr__(self) -> str:
         return f"SecretsClient({self.where!r})"
-
-    @property
-    def where(self) -> str:
-        """The socket path or base URL, for messages."""
-        return self._endpoint.where
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._endpoint.tcp is not None:
@@ -115,7 +109,7 @@ class SecretsClient:
 
     def get_json_document(self, path: str) -> Any:
         """GET ``path`` and parse the JSON answer (typed errors on failure)."""
-        return self._run(Call(path, _json_document))
+        return self._run(document_call(path))
 
     def get(
         self,
@@ -163,9 +157,3 @@ class SecretsClient:
     def status(self) -> dict[str, Any]:
         """The agent's status document (no values)."""
         return self._run(STATUS_CALL)
-
-
-def _json_document(body: bytes) -> Any:
-    import json
-
-    return json.loads(body)
