@@ -15,15 +15,17 @@ No HTTP in here (as in the AWS agent's cache crate). Semantics:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agent import cache_batch
+from agent.cache_entry import CURRENT_ONLY as _CURRENT_ONLY
+from agent.cache_entry import Entry as _Entry
+from agent.cache_entry import Lookup as Lookup
+from agent.cache_entry import restaged
 from agent.config import RefreshConfig
 from agent.errors import (
     AgentError,
@@ -37,47 +39,16 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.resolver import Resolver, envelope_digest
-from agent.stores.base import BatchReadableStore, StageState, StoredVersion
+from agent.singleflight import SingleFlight
+from agent.stores.base import StageState
 from agent.types import CURRENT, Secret, normalize_stage, stages_of, validate_name
 
 if TYPE_CHECKING:
     from agent.audit import Auditor
-    from agent.stageguard import StageGuard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _EXTRA_VERSIONS = 8  # versions asked for by id that carry no stage, per secret
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """A cache answer: the secret, whether it is stale, and its age in seconds."""
-
-    secret: Secret
-    stale: bool = False
-    age: float = 0.0
-
-
-_CURRENT_ONLY = frozenset({CURRENT})
-
-
-@dataclass(slots=True)
-class _Entry:
-    """One cached secret. Kept small (there may be 50,000): rarely used parts are
-    None or shared until first needed, times are floats (formatted on demand)."""
-
-    name: str
-    state: StageState
-    versions: dict[str, Secret]
-    confirmed_at: float  # monotonic time of the last successful version check
-    wanted: frozenset[str] = _CURRENT_ONLY
-    extra: OrderedDict[str, Secret] | None = None
-    failing_since: float | None = None
-    last_error: str | None = None
-    last_refresh: float | None = None  # wall-clock time of the last successful check
-    missing_since: float | None = None
-    refused: dict[str, str] | None = None  # version id -> envelope digest
-    last_forced: float = float("-inf")
 
 
 ChangeListener = Callable[[str], None]
@@ -101,7 +72,7 @@ class SecretCache:
         self.metrics = metrics
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._inflight: dict[tuple[str, ...], asyncio.Task[Any]] = {}
+        self._flights = SingleFlight()
         self._listeners: list[ChangeListener] = []
         metrics.cache_stale_age.set_function(self.stale_age)  # computed at each scrape
         self._stale = 0  # entries with failing_since set, kept as they change
@@ -134,7 +105,7 @@ class SecretCache:
         entry = self._entries.get(name)
         if entry is None:
             self.metrics.cache_requests.labels("miss").inc()
-            entry = await self._single_flight(("load", name), lambda: self._load(name))
+            entry = await self._flights.run(("load", name), lambda: self._load(name))
         else:
             self._check_stale(entry)
         stage = normalize_stage(stage) if stage is not None else None
@@ -180,44 +151,19 @@ class SecretCache:
     def status(self) -> list[dict[str, Any]]:
         """Per-secret status for ``/v1/status`` (versions and times, never values)."""
         now = self.clock()
-        out = []
-        for name in sorted(self._entries):
-            e = self._entries[name]
-            out.append(
-                {
-                    "name": name,
-                    "version_id": e.state.stages.get(CURRENT),
-                    "stages": dict(e.state.stages),
-                    "age_seconds": round(now - e.confirmed_at, 3),
-                    "last_refresh": _iso(e.last_refresh),
-                    "stale": e.failing_since is not None,
-                    "last_error": e.last_error,
-                }
-            )
-        return out
+        return [self._entries[name].status(now) for name in sorted(self._entries)]
 
     def _check_keys(self, secret: Secret) -> None:
-        """Stop serving a value once every master key it hangs on has been revoked
-        for longer than ``datakeys.max_age`` (as long as its data key could stay cached).
-
-        Raises:
-            KeyRevoked: naming the secret and the keys, never the value.
-        """
-        keys = self.resolver.datakeys
-        if not keys.any_revoked:
-            return
-        mine = [(p, k) for p, k in secret.recipients if keys.configured(p)]
+        """KeyRevoked once every master key of ``secret`` was revoked over ``max_age`` ago."""
+        mine = self.resolver.datakeys.revoked_past_max_age(secret.recipients)
         if not mine:
-            return
-        ages = [keys.revoked_for(p, k) for p, k in mine]
-        if any(age is None or age < keys.max_age for age in ages):
             return
         self.metrics.cache_requests.labels("revoked").inc()
         names = ", ".join(f"{p}/{k}" for p, k in mine)
         raise KeyRevoked(
             f"secret {secret.name!r} is no longer served: its master key(s) {names} were "
             f"disabled, deleted or denied more than datakeys.max_age "
-            f"({keys.max_age:.0f}s) ago",
+            f"({self.resolver.datakeys.max_age:.0f}s) ago",
             provider=mine[0][0],
             key=mine[0][1],
         )
@@ -242,7 +188,7 @@ class SecretCache:
         if secret is None:
             # A stage not kept loaded until now (PENDING, a custom label): fetch it
             # and keep it fresh from now on.
-            secret = await self._single_flight(
+            secret = await self._flights.run(
                 ("version", entry.name, vid),
                 lambda: self.resolver.fetch(
                     entry.name, vid, stages=stages_of(entry.state.stages, vid)
@@ -257,7 +203,7 @@ class SecretCache:
         secret = entry.versions.get(version) or (entry.extra.get(version) if entry.extra else None)
         if secret is not None:
             return secret
-        secret = await self._single_flight(
+        secret = await self._flights.run(
             ("version", entry.name, version),
             lambda: self.resolver.fetch(
                 entry.name, version, stages=stages_of(entry.state.stages, version)
@@ -305,9 +251,7 @@ class SecretCache:
         started = self.clock()
         first = entry is None
         try:
-            changed: bool = await self._single_flight(
-                ("refresh", name), lambda: self._refresh(name)
-            )
+            changed: bool = await self._flights.run(("refresh", name), lambda: self._refresh(name))
         except AgentError:
             self.metrics.refreshes.labels(trigger, "error").inc()
             raise
@@ -322,7 +266,7 @@ class SecretCache:
     async def _refresh(self, name: str) -> bool:
         entry = self._entries.get(name)
         if entry is None:
-            await self._single_flight(("load", name), lambda: self._load(name))
+            await self._flights.run(("load", name), lambda: self._load(name))
             self._notify(name)
             return True
         try:
@@ -359,205 +303,24 @@ class SecretCache:
 
     def _install(self, entry: _Entry, state: StageState, versions: dict[str, Secret]) -> None:
         """A changed stage map and its versions are in: serve them from now on."""
-        entry.state = state
-        entry.versions = versions
-        if entry.extra:
-            entry.extra = OrderedDict(
-                (v, s.with_stages(stages_of(state.stages, v))) for v, s in entry.extra.items()
-            )
-        if not entry.refused:
-            entry.refused = None
+        entry.install(state, versions)
         self._confirmed(entry)
 
     # ---------------------------------------------------------- batched refresh
 
     async def refresh_batch(self, names: Sequence[str], *, trigger: str) -> list[str]:
-        """Refresh ``names`` with two store calls (stage maps, then envelopes).
+        """Refresh ``names`` with two store calls; return those left for :meth:`refresh`.
 
-        For a :class:`~agent.stores.base.BatchReadableStore`. Every name the
-        batch cannot settle plainly (an error of any kind, a refused or
-        vanished version) is returned, for :meth:`refresh` to do one by one
-        with its exact error semantics; so is nothing else. A name that
-        another refresh changed while the batch was reading is left alone.
-
-        Returns:
-            The names left for :meth:`refresh`.
+        See :func:`agent.cache_batch.refresh_batch`.
         """
-        store = self.resolver.store
-        assert isinstance(store, BatchReadableStore)
-        seen = [self._entries.get(n) for n in names]
-        removed = [self._removed.get(n) for n in names]
-        seen_states = [e.state if e is not None else None for e in seen]
-        states = await store.read_stages_many(names)
-        left: list[str] = []
-        todo: list[tuple[int, StageState, list[str]]] = []
-        # name index -> the version keying its map's proof (read with the others)
-        proof_keys: dict[int, str] = {}
-        guard = self.resolver.guard if self.resolver.guard and self.resolver.guard.active else None
-        unchanged = 0
-        for i, (name, state) in enumerate(zip(names, states, strict=True)):
-            entry = seen[i]
-            if not isinstance(state, StageState):
-                left.append(name)
-            elif entry is not None and state.revision == entry.state.revision:
-                if entry.state is seen_states[i]:
-                    entry.state = state  # the same map, with the marker it has now
-                entry.missing_since = None
-                self._confirmed(entry)
-                unchanged += 1
-            else:
-                if guard is not None and state.revision != "":
-                    key_version = guard.proof_key_version(state)
-                    if key_version is None:
-                        left.append(name)  # no readable proof: refused one by one
-                        continue
-                    proof_keys[i] = key_version
-                wanted = entry.wanted if entry is not None else _CURRENT_ONLY
-                held = entry.versions if entry is not None else {}
-                vids = sorted(
-                    {v for st, v in state.stages.items() if st in wanted and v not in held}
-                )
-                todo.append((i, state, vids))
-        if unchanged:
-            self.metrics.version_checks.labels("unchanged").inc(unchanged)
-            self.metrics.refreshes.labels(trigger, "unchanged").inc(unchanged)
-        wanted_versions = list(
-            dict.fromkeys(
-                [(names[i], v) for i, _, vids in todo for v in vids]
-                + [(names[i], v) for i, v in proof_keys.items()]
-            )
-        )
-        stored = await store.read_versions_many(wanted_versions) if wanted_versions else []
-        envelopes = dict(zip(wanted_versions, stored, strict=True))
-        changed = loaded = 0
-        for n, (i, state, vids) in enumerate(todo):
-            if n % 32 == 31:
-                await asyncio.sleep(0)  # let readers in between decrypts
-            name = names[i]
-            if i in proof_keys:
-                assert guard is not None
-                checked = await self._proven(
-                    guard, name, state, envelopes.get((name, proof_keys[i]))
-                )
-                if checked is None:
-                    left.append(name)  # unsure, or refused with nothing in service
-                    continue
-                if checked is not state:
-                    # Refused: the guard hands back the map in service, as
-                    # Resolver.stages does for refresh(): nothing changes.
-                    in_service = seen[i]
-                    if in_service is not None:
-                        self._confirmed(in_service)
-                    continue
-            opened = await self._open_batch(name, state, vids, envelopes)
-            entry = self._entries.get(name)
-            if opened is None:
-                left.append(name)
-            elif entry is not seen[i] or (entry is not None and entry.state is not seen_states[i]):
-                continue  # another refresh got there first; it read the map later
-            elif self._removed.get(name) != removed[i]:
-                continue  # removed meanwhile (a reload dropped it): hold nothing
-            else:
-                self._apply_batch(name, entry, state, opened)
-                if entry is None:
-                    loaded += 1
-                else:
-                    changed += 1
-        if changed:
-            self.metrics.version_checks.labels("changed").inc(changed)
-            self.metrics.refreshes.labels(trigger, "changed").inc(changed)
-        if loaded:
-            # A first load is not a change (as in refresh()).
-            self.metrics.refreshes.labels(trigger, "loaded").inc(loaded)
-        self.metrics.cache_secrets.set(len(self._entries))
-        return left
-
-    @staticmethod
-    async def _proven(
-        guard: StageGuard, name: str, state: StageState, key: StoredVersion | Exception | None
-    ) -> StageState | None:
-        """The guard's answer for ``state`` (its proof's key envelope pre-read).
-
-        None when the batch cannot decide: the key envelope is missing or the
-        guard raised (refresh() then reads again and reports).
-        """
-        if not isinstance(key, StoredVersion):
-            return None
-        try:
-            return await guard.check(name, state, key_envelope=key)
-        except AgentError:
-            return None
-
-    async def _open_batch(
-        self,
-        name: str,
-        state: StageState,
-        vids: list[str],
-        envelopes: dict[tuple[str, str], StoredVersion | Exception],
-    ) -> dict[str, Secret] | None:
-        """The versions ``vids`` of ``name`` decrypted, or None to leave it to :meth:`refresh`."""
-        entry = self._entries.get(name)
-        out: dict[str, Secret] = {}
-        for vid in vids:
-            got = envelopes.get((name, vid))
-            if not isinstance(got, StoredVersion):
-                return None
-            if entry is not None and entry.refused and vid in entry.refused:
-                return None
-            try:
-                out[vid] = await self.resolver.open(
-                    name, vid, got.envelope, got.created_at, stages_of(state.stages, vid)
-                )
-            except AgentError:
-                return None  # refresh() reads it again and reports (and audits) it
-        if out:
-            self.metrics.fetches.labels("ok").inc(len(out))
-        return out
-
-    def _apply_batch(
-        self, name: str, entry: _Entry | None, state: StageState, opened: dict[str, Secret]
-    ) -> None:
-        if entry is None:
-            entry = _Entry(name, state, opened, self.clock(), last_refresh=time.time())
-            self._entries[name] = entry
-        else:
-            entry.missing_since = None
-            versions = {
-                vid: secret.with_stages(stages_of(state.stages, vid))
-                for vid, secret in entry.versions.items()
-                if vid in state.stages.values()
-            }
-            versions.update(opened)
-            self._install(entry, state, versions)
-        self._notify(name)
+        return await cache_batch.refresh_batch(self, names, trigger=trigger)
 
     async def changed_markers(self, names: Sequence[str]) -> list[str]:
         """Of ``names``, those whose stage map may have changed, by the store's cheap markers.
 
-        The others are confirmed fresh without reading anything (counted as
-        unchanged version checks). Names not held, or without a marker, are
-        returned too. For a :class:`~agent.stores.base.BatchReadableStore`.
+        See :func:`agent.cache_batch.changed_markers`.
         """
-        store = self.resolver.store
-        assert isinstance(store, BatchReadableStore)
-        markers = await store.stage_markers_many(names)
-        changed: list[str] = []
-        unchanged = 0
-        for name, marker in zip(names, markers, strict=True):
-            entry = self._entries.get(name)
-            if (
-                entry is None
-                or marker is None
-                or marker != entry.state.marker
-                or entry.missing_since is not None
-            ):
-                changed.append(name)
-            else:
-                self._confirmed(entry)
-                unchanged += 1
-        if unchanged:
-            self.metrics.version_checks.labels("unchanged").inc(unchanged)
-        return changed
+        return await cache_batch.changed_markers(self, names)
 
     async def _fetch_wanted(
         self,
@@ -570,14 +333,9 @@ class SecretCache:
         """The versions to hold for ``state``.
 
         Every wanted stage's version (fetched only if not held), plus held
-        versions that still carry a stage, so the old CURRENT, now PREVIOUS,
-        costs nothing.
+        versions that still carry a stage (:func:`restaged`).
         """
-        versions: dict[str, Secret] = {}
-        staged = set(state.stages.values())
-        for vid, secret in held.items():
-            if vid in staged:
-                versions[vid] = secret.with_stages(stages_of(state.stages, vid))
+        versions = restaged(held, state)
         for stage in sorted(wanted):
             wanted_vid = state.stages.get(stage)
             if wanted_vid is None or wanted_vid in versions:
@@ -683,31 +441,7 @@ class SecretCache:
             except Exception:
                 log.exception("change listener failed for secret %r", name)
 
-    # ----------------------------------------------------------- single-flight
-
-    async def _single_flight(self, key: tuple[str, ...], factory: Callable[[], Awaitable[T]]) -> T:
-        task = self._inflight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(factory())
-            self._inflight[key] = task
-            task.add_done_callback(lambda t: self._done(key, t))
-        # shield: a cancelled reader must not cancel the shared work of others.
-        result: T = await asyncio.shield(task)
-        return result
-
-    def _done(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
-        self._inflight.pop(key, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here in case every waiter was cancelled
-
     async def aclose(self) -> None:
         """Cancel in-flight work and drop every value."""
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._flights.aclose()
         self._entries.clear()
-
-
-def _iso(wall: float | None) -> str | None:
-    return None if wall is None else datetime.fromtimestamp(wall, UTC).isoformat()

@@ -263,6 +263,20 @@ class DataKeys:
     def configured(self, provider: str) -> bool:
         return provider in self._providers
 
+    def revoked_past_max_age(self, recipients: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The configured ``recipients`` if every one was revoked over ``max_age`` ago, else [].
+
+        A value stops being served then: its data key could stay cached no longer.
+        """
+        if not self._revoked:
+            return []
+        mine = [(p, k) for p, k in recipients if p in self._providers]
+        for p, k in mine:
+            age = self.revoked_for(p, k)
+            if age is None or age < self._settings.max_age:
+                return []
+        return mine
+
     def drop(self, provider: str, *, key: str | None = None) -> None:
         """Forget every DEK wrapped by ``provider`` (and ``key``, if given), e.g. on revocation."""
 
