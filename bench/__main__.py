@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import coldstart, reads, resync
+from bench import coldstart, importing, reads, resync
 from bench.report import write_report
 
 FULL: dict[str, Any] = {
@@ -39,6 +39,7 @@ FULL: dict[str, Any] = {
     "propagation_rotations": 50,
     "fleet_agents": 50,
     "fleet_rotations": 20,
+    "import_counts": [1000, 10000],
 }
 QUICK: dict[str, Any] = {
     "read_duration": 0.3,
@@ -49,9 +50,20 @@ QUICK: dict[str, Any] = {
     "propagation_rotations": 2,
     "fleet_agents": 2,
     "fleet_rotations": 2,
+    "import_counts": [100],
 }
 #: Every scenario's key in the results; --quick checks each produced something.
-SCENARIOS = ("machine", "reads", "coldstart", "resync", "keys", "propagation", "fleet", "model")
+SCENARIOS = (
+    "machine",
+    "reads",
+    "coldstart",
+    "resync",
+    "import",
+    "keys",
+    "propagation",
+    "fleet",
+    "model",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -177,6 +189,7 @@ def run_all(params: dict[str, Any], out: Path) -> dict[str, Any]:
         ("reads", lambda: _reads(params)),
         ("coldstart", lambda: coldstart.run(params["cold_counts"], settle=1.0)),
         ("resync", lambda: resync.run(params["resync_counts"])),
+        ("import", lambda: importing.run(params["import_counts"])),
         ("keys", lambda: _keys(params)),
         ("propagation", lambda: _propagation(params)),
         ("fleet", lambda: _fleet(params)),
