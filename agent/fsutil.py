@@ -20,12 +20,16 @@ directory ownership checks (:func:`open_checked_dir` and friends, in
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import os
 import secrets
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 from agent.bounded import read_fd_capped
 from agent.fslock import FileLock
@@ -45,6 +49,7 @@ __all__ = [
     "make_dirs",
     "open_checked_dir",
     "read_nofollow",
+    "sync_filesystem",
 ]
 
 #: Suffix of the temporary files this module creates (they also start with ``.``).
@@ -65,6 +70,30 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write to the filesystem holding ``path`` durable: ``syncfs(2)``.
+
+    One call for a batch of writes made with ``sync=False`` (``import``), in
+    place of two fsyncs per file. Falls back to ``sync(2)`` where libc has no
+    syncfs.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = _libc()
+        if libc is None or libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def read_nofollow(
@@ -116,6 +145,7 @@ def atomic_write(
     uid: int | None = None,
     gid: int | None = None,
     times_ns: tuple[int, int] | None = None,
+    sync: bool = True,
 ) -> None:
     """Replace ``path`` with ``data`` atomically, with ``mode`` and owner set first.
 
@@ -131,13 +161,14 @@ def atomic_write(
     Raises:
         OSError: nothing was changed; the temporary file is gone.
     """
-    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns)
+    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns, sync=sync)
     try:
         tmp.replace(path)
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def create_exclusive(
@@ -148,6 +179,7 @@ def create_exclusive(
     uid: int | None = None,
     gid: int | None = None,
     times_ns: tuple[int, int] | None = None,
+    sync: bool = True,
 ) -> None:
     """Create ``path`` with ``data`` atomically, failing if it already exists.
 
@@ -163,12 +195,13 @@ def create_exclusive(
         FileExistsError: ``path`` exists; nothing was changed.
         OSError: nothing was changed; the temporary file is gone.
     """
-    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns)
+    tmp = _write_temp(path, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns, sync=sync)
     try:
         os.link(tmp, path, follow_symlinks=False)
     finally:
         _unlink_quietly(tmp)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def _write_temp(
@@ -179,13 +212,14 @@ def _write_temp(
     uid: int | None,
     gid: int | None,
     times_ns: tuple[int, int] | None,
+    sync: bool = True,
 ) -> Path:
     """Write ``data`` to a new private temporary file next to ``path``; return its path."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
     # Created with the final mode (narrowed by umask at worst) and no content yet.
     fd = os.open(tmp, _TEMP_FLAGS, mode & 0o777)
     try:
-        _fill(fd, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns)
+        _fill(fd, data, mode=mode, uid=uid, gid=gid, times_ns=times_ns, sync=sync)
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -200,6 +234,7 @@ def _fill(
     uid: int | None,
     gid: int | None,
     times_ns: tuple[int, int] | None = None,
+    sync: bool = True,
 ) -> None:
     """Give a new, empty temporary file its mode and owner, then ``data``; fsync; close it."""
     try:
@@ -214,7 +249,8 @@ def _fill(
         _write_all(fd, data)
         if times_ns is not None:
             os.utime(fd, ns=times_ns)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -13,15 +13,27 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.crypto import stageproof
 from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, dumps, parse, seal
-from agent.errors import BadRequest, Conflict, DecryptionError, SecretNotFound, VersionNotFound
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    Conflict,
+    DecryptionError,
+    SecretNotFound,
+    VersionNotFound,
+)
 from agent.retention import RetentionPolicy, prune_quietly
-from agent.stores.base import StageState, WritableStore
+from agent.stores.base import (
+    BatchReadableStore,
+    BulkWritableStore,
+    StageState,
+    WritableStore,
+)
 from agent.types import (
     CURRENT,
     PREVIOUS,
@@ -94,22 +106,29 @@ class SecretWriter:
         The sequence is one more than the map's, and at least the time in
         microseconds, so it keeps growing even if a map lost its proof.
         """
+        return await self.store.set_stages(
+            name,
+            stages,
+            expected_revision=state.revision,
+            proof=self._proof(name, state, stages, key_version, dek),
+        )
+
+    def _proof(
+        self, name: str, state: StageState, stages: dict[str, str], key_version: str, dek: bytes
+    ) -> str:
         previous = 0
         if state.proof is not None:
             with contextlib.suppress(stageproof.StageProofError):
                 previous = stageproof.parse(state.proof).sequence
         sequence = max(previous + 1, time.time_ns() // 1000)
-        proof = stageproof.make(
+        return stageproof.make(
             dek,
             store_id=self.store.store_id,
             secret=name,
             sequence=sequence,
             key_version=key_version,
             stages=stages,
-        )
-        return await self.store.set_stages(
-            name, stages, expected_revision=state.revision, proof=proof.encode()
-        )
+        ).encode()
 
     async def _dek_of(self, name: str, version_id: str) -> bytes:
         """The DEK of an existing version's envelope (to key a stage move to it)."""
@@ -163,6 +182,58 @@ class SecretWriter:
             await prune_quietly(self.store, name, self.retention, now=utcnow())
         return PutResult(name, version_id, stages_of(new.stages, version_id), True)
 
+    async def put_many(self, items: Sequence[tuple[str, bytes]]) -> list[PutResult | Exception]:
+        """:meth:`put` of each (name, text value) at CURRENT, as one batch.
+
+        On a :class:`~agent.stores.base.BulkWritableStore` (the directory
+        store) the versions are written in one pass and made durable together,
+        then the stage maps, then durable together again: two syncs per batch
+        in place of about five per secret, and a stage map never points at a
+        version that is not yet on disk. A map that replaces one in service is
+        written with its own sync, as :meth:`put` does. Elsewhere, one
+        :meth:`put` after another.
+
+        Returns:
+            One result per item, in order: its :class:`PutResult`, or the error
+            that item met (the others are unaffected).
+        """
+        store = self.store
+        if not isinstance(store, BulkWritableStore):
+            return [await _result(self.put(name, value)) for name, value in items]
+        results: list[PutResult | Exception | None] = [None] * len(items)
+        sealed: list[tuple[int, str, str, bytes, bytes]] = []
+        for i, (name, value) in enumerate(items):
+            try:
+                validate_name(name)
+                vid = str(uuid.uuid4())
+                envelope, dek = await self._seal(name, vid, value, "string")
+            except AgentError as exc:
+                results[i] = exc
+                continue
+            sealed.append((i, name, vid, envelope, dek))
+        written = await store.write_versions_many([(n, v, e) for _, n, v, e, _ in sealed])
+        await store.sync()
+        sealed = [
+            item
+            for item, err in zip(sealed, written, strict=True)
+            if not _failed(item, err, results)
+        ]
+        states = await self.states_of([name for _, name, _, _, _ in sealed])
+        moves = []
+        for (_, name, vid, _, dek), state in zip(sealed, states, strict=True):
+            stages = promoted(state.stages, CURRENT, vid)
+            moves.append((name, stages, state.revision, self._proof(name, state, stages, vid, dek)))
+        staged = await store.set_stages_many(moves)
+        await store.sync()
+        for (i, name, vid, _, _), state, new in zip(sealed, states, staged, strict=True):
+            if isinstance(new, Exception):
+                results[i] = new
+                continue
+            results[i] = PutResult(name, vid, stages_of(new.stages, vid), True)
+            if state.revision and self.retention is not None:
+                await prune_quietly(self.store, name, self.retention, now=utcnow())
+        return [r if r is not None else AgentError("not written") for r in results]
+
     async def promote(self, name: str, stage: str, version_id: str) -> StageState:
         """Move ``stage`` of ``name`` to an existing version (one compare-and-swap).
 
@@ -212,8 +283,45 @@ class SecretWriter:
         dek = await self._dek_of(name, key_version)
         return await self._move(name, state, dict(stages), key_version, dek)
 
+    async def states_of(self, names: Sequence[str]) -> list[StageState]:
+        """The stage map of each of ``names`` (empty for a new secret), batched where the
+        store reads many per call.
+
+        Raises:
+            AgentError: the store could not read one of them.
+        """
+        store = self.store
+        if not isinstance(store, BatchReadableStore):
+            return [await self._state(name) for name in names]
+        out = []
+        for got in await store.read_stages_many(names):
+            if isinstance(got, SecretNotFound):
+                got = StageState({}, "")
+            if isinstance(got, Exception):
+                raise got
+            out.append(got)
+        return out
+
     async def _state(self, name: str) -> StageState:
         try:
             return await self.store.read_stages(name)
         except SecretNotFound:
             return StageState({}, "")
+
+
+async def _result(put: Awaitable[PutResult]) -> PutResult | Exception:
+    try:
+        return await put
+    except AgentError as exc:
+        return exc
+
+
+def _failed(
+    item: tuple[int, str, str, bytes, bytes],
+    err: Exception | None,
+    results: list[PutResult | Exception | None],
+) -> bool:
+    if err is None:
+        return False
+    results[item[0]] = err
+    return True

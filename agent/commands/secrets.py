@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import sys
@@ -24,7 +23,9 @@ from agent.types import (
     validate_name,
 )
 
-_IMPORT_CONCURRENCY = 16
+#: Secrets written per batch: their versions, then their stage maps, each made
+#: durable with one sync (two fsyncs per file before: 4 ms a secret).
+_IMPORT_BATCH = 500
 
 
 def _read_value(args: argparse.Namespace) -> bytes:
@@ -135,19 +136,22 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     async def go(core: Core) -> None:
         writer = core.writer()
-        sem = asyncio.Semaphore(_IMPORT_CONCURRENCY)
-
-        async def one(name: str, value: bytes) -> None:
-            async with sem:
-                if await unchanged(core, name, value):
+        todo = [(prefix + name, value) for name, value in secrets.items()]
+        for start in range(0, len(todo), _IMPORT_BATCH):
+            batch = todo[start : start + _IMPORT_BATCH]
+            states = await writer.states_of([name for name, _ in batch])
+            fresh = []
+            for (name, value), state in zip(batch, states, strict=True):
+                # Only a secret that has a CURRENT can already hold this value.
+                if CURRENT in state.stages and await unchanged(core, name, value):
                     kept.append(name)
+                    progress.step()
                 else:
-                    await writer.put(name, value)
+                    fresh.append((name, value))
+            for result in await writer.put_many(fresh):
+                if isinstance(result, Exception):
+                    raise result
                 progress.step()
-
-        async with asyncio.TaskGroup() as tg:
-            for name, value in secrets.items():
-                tg.create_task(one(prefix + name, value))
 
     try:
         run_async(with_core(config, go))

@@ -194,6 +194,22 @@ class WritableStore(SecretStore, Protocol):
 
 
 @runtime_checkable
+class BulkWritableStore(Protocol):
+    """A store that writes many versions and first stage maps per call, made durable
+    together by :meth:`sync` (``import``): one sync per batch instead of two per file."""
+
+    async def write_versions_many(
+        self, items: Sequence[tuple[str, str, bytes]]
+    ) -> list[Exception | None]: ...
+
+    async def set_stages_many(
+        self, items: Sequence[tuple[str, Mapping[str, str], str, str | None]]
+    ) -> list[StageState | Exception]: ...
+
+    async def sync(self) -> None: ...
+
+
+@runtime_checkable
 class BatchReadableStore(Protocol):
     """A store that reads many secrets per call (the file store: one thread hop per batch).
 

@@ -35,7 +35,7 @@ import stat
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import fsutil
 from agent.bounded import DEFAULT_LIMITS, Limits
@@ -46,6 +46,7 @@ from agent.errors import (
 from agent.fsutil import (
     is_temp_name,
     make_dirs,
+    sync_filesystem,
 )
 from agent.stores.base import (
     StageState,
@@ -195,6 +196,29 @@ class FileStore(DiskOps):
         validate_version_id(version_id)
         await self._run("delete_version", self._delete_version, name, version_id)
 
+    # ----------------------------------------------------------- bulk writes
+
+    async def write_versions_many(
+        self, items: Sequence[tuple[str, str, bytes]]
+    ) -> list[Exception | None]:
+        """:meth:`write_version` of each (name, version id, envelope), in one thread hop,
+        not yet durable: :meth:`sync` makes them so."""
+        calls = [(name, vid, env, False) for name, vid, env in items]
+        return await self._run_many("write_version", self._write_version, calls)
+
+    async def set_stages_many(
+        self, items: Sequence[tuple[str, Mapping[str, str], str, str | None]]
+    ) -> list[StageState | Exception]:
+        """:meth:`set_stages` of each (name, stages, expected revision, proof), in one
+        thread hop. A secret's first map is not yet durable (:meth:`sync`); a map that
+        replaces one is synced at once, as :meth:`set_stages` does."""
+        calls = [(name, check_stage_map(st), rev, proof, False) for name, st, rev, proof in items]
+        return await self._run_many("set_stages", self._set_stages, calls)
+
+    async def sync(self) -> None:
+        """Make every write made by the bulk methods durable (one ``syncfs``)."""
+        await asyncio.to_thread(sync_filesystem, self.root)
+
     # ------------------------------------------------------------ batched reads
 
     async def read_stages_many(self, names: Sequence[str]) -> list[StageState | Exception]:
@@ -229,7 +253,7 @@ class FileStore(DiskOps):
         return out
 
     async def _run_many(
-        self, operation: str, func: Callable[..., _T], calls: list[tuple[str, ...]]
+        self, operation: str, func: Callable[..., _T], calls: Sequence[tuple[Any, ...]]
     ) -> list[_T | Exception]:
         """Run ``func(*args)`` for each of ``calls`` in one worker thread; count each outcome."""
 
@@ -238,7 +262,7 @@ class FileStore(DiskOps):
             for args in calls:
                 try:
                     check_name(args[0])
-                    if len(args) > 1:
+                    if len(args) > 1 and isinstance(args[1], str):
                         validate_version_id(args[1])
                     try:
                         out.append(func(*args))

@@ -230,7 +230,9 @@ class DiskOps:
             raise self._os_error(exc, f"versions of secret {name!r}", paths.versions) from None
         return [(version_id, _utc(mtime)) for mtime, version_id in sorted(found)]
 
-    def _write_version(self, name: str, version_id: str, envelope: bytes) -> None:
+    def _write_version(
+        self, name: str, version_id: str, envelope: bytes, sync: bool = True
+    ) -> None:
         paths = self._paths(name)
         what = f"version {version_id!r} of secret {name!r}"
         path = paths.version(version_id)
@@ -242,7 +244,7 @@ class DiskOps:
             self._check_root(what)  # never recreate a store that was moved away
         try:
             make_dirs(paths.versions, mode=_DIR_MODE)
-            create_exclusive(path, envelope, mode=_FILE_MODE, times_ns=(now, now))
+            create_exclusive(path, envelope, mode=_FILE_MODE, times_ns=(now, now), sync=sync)
         except FileExistsError:
             raise Conflict(f"{what} already exists; versions are immutable") from None
         except OSError as exc:
@@ -270,7 +272,12 @@ class DiskOps:
             raise self._os_error(exc, what, path) from None
 
     def _set_stages(
-        self, name: str, stages: dict[str, str], expected_revision: str, proof: str | None
+        self,
+        name: str,
+        stages: dict[str, str],
+        expected_revision: str,
+        proof: str | None,
+        sync: bool = True,
     ) -> StageState:
         paths = self._existing(name)
         what = f"stage map of secret {name!r}"
@@ -290,7 +297,9 @@ class DiskOps:
                         )
                 doc = {**stages, PROOF_KEY: proof} if proof is not None else stages
                 data = json.dumps(doc, sort_keys=True).encode() + b"\n"
-                atomic_write(paths.stages, data, mode=_FILE_MODE)
+                # Unsynced only for a secret's first map (a bulk import, synced as
+                # a batch): replacing a map in service is always synced.
+                atomic_write(paths.stages, data, mode=_FILE_MODE, sync=sync or found != "")
                 return StageState(stages, _revision(data), proof)
         except OSError as exc:
             raise self._os_error(exc, what, paths.stages) from None
