@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ class AuditFile:
                 is not a regular file or belongs to another user.
         """
         assert self.path is not None
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             # The directory is checked (ours or root's, writable by no one else
             # unless sticky) and the log opened relative to it, no-follow.
@@ -147,8 +148,9 @@ class AuditFile:
         old, self.fd = self.fd, fd
         self._ident = (st.st_dev, st.st_ino)
         self._size = st.st_size
-        if st.st_size == 0:
-            self._first_seq = next_seq
+        # The name a size rotation gives this file: the seq of its first record
+        # (one already there, after a restart), else the next one written.
+        self._first_seq = (_first_seq(fd) if st.st_size else None) or next_seq
         if old is not None and old != 1:
             os.close(old)
 
@@ -245,3 +247,16 @@ class AuditFile:
             with contextlib.suppress(OSError):
                 os.fsync(fd)
             os.close(fd)
+
+
+_FIRST_SEQ = re.compile(rb'\{"seq":(\d{1,18}),')
+
+
+def _first_seq(fd: int) -> int | None:
+    """The ``seq`` of the file's first record (None if it does not start with one)."""
+    try:
+        head = os.pread(fd, 64, 0)
+    except OSError:
+        return None
+    match = _FIRST_SEQ.match(head)
+    return int(match.group(1)) if match else None

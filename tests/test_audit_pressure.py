@@ -224,6 +224,28 @@ async def test_size_rotation_carries_the_chain_across_files_and_verify_takes_a_d
     assert not verify([directory]).ok
 
 
+async def test_a_file_rotated_after_a_restart_is_named_by_its_first_record(
+    tmp_path: Path,
+) -> None:
+    # Found in review: the name was the seq of the first record written since
+    # the start (".000000000001" after a restart), not of the file's first.
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    path = directory / "audit.log"
+    settings = AuditConfig(path=str(path), max_size=2000)
+    log = AuditLog(path, settings=settings)
+    write(log, 40)  # rotates: audit.log now starts past record 1
+    await log.aclose()
+    assert json.loads(path.read_bytes().split(b"\n", 1)[0])["seq"] > 1
+    log = AuditLog(path, settings=settings)  # a restart
+    write(log, 40)
+    await log.aclose()
+    for rotated in sorted(f for f in directory.iterdir() if f.name != "audit.log"):
+        first = json.loads(rotated.read_bytes().split(b"\n", 1)[0])
+        assert rotated.name == f"audit.log.{first['seq']:012d}"
+    assert verify([directory]).ok and verify([directory]).records == 80
+
+
 async def test_records_are_compact(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     log = AuditLog(path)
