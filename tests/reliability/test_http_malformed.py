@@ -76,3 +76,30 @@ async def test_malformed_requests_are_logged_at_most_once_per_interval(
     lines = [r for r in caplog.records if "malformed HTTP request" in r.getMessage()]
     assert 1 <= len(lines) <= 2
     assert json.loads(status)["connections"]["tcp"]["malformed"] == 50
+
+
+@pytest.mark.parametrize("value", [b"\x80", b"\xff" + MARKER.encode(), b"200-ok", b""])
+async def test_an_unknown_expect_header_gets_a_json_417_not_a_500(
+    env: AgentEnv, ports: Ports, caplog: pytest.LogCaptureFixture, value: bytes
+) -> None:
+    # Found by the full HTTP fuzz run (2026-12-02): `Expect: \x80` made aiohttp's
+    # own expect handler fail to encode its answer, before any middleware: a 500.
+    env.put("app/db", "the-value")
+    async with env.running():
+        for where in ({"port": ports.tcp}, {"path": env.socket}, {"port": ports.metrics}):
+            answer = await araw(
+                b"GET /v1/secrets/app/db HTTP/1.1\r\nHost: a\r\nExpect: " + value + b"\r\n\r\n",
+                **where,  # type: ignore[arg-type]
+            )
+            assert status_of(answer) == 417, answer
+            body = answer.partition(b"\r\n\r\n")[2]
+            assert json.loads(body)["error"]["code"] == "expectation_failed"
+            assert MARKER.encode() not in answer and b"the-value" not in answer
+        # The one expectation HTTP/1.1 defines still works.
+        answer = await araw(
+            b"GET /v1/secrets/app/db?format=raw HTTP/1.1\r\nHost: a\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n",
+            path=env.socket,
+        )
+        assert answer.endswith(b"the-value"), answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
