@@ -155,15 +155,43 @@ class DiskOps:
         return BackendUnavailable(f"{what}: {code} on {path}")
 
     def _list_names(self) -> list[str]:
-        names: list[str] = []
-        try:
-            self._walk(self._secrets, "", names, top=True)
-        except FileNotFoundError:
-            self._check_root("listing secrets")
-            return []  # the root exists but nothing was written yet
-        except OSError as exc:
-            raise self._os_error(exc, "listing secrets", self._secrets) from None
+        todo, names = self._walk_start()
+        while not self._walk_some(todo, names, budget=1 << 30):
+            pass
         return sorted(names)
+
+    def _walk_start(self) -> tuple[list[tuple[str, str]], list[str]]:
+        """The state of a listing walk: directories to read (path, name prefix), names."""
+        return [(os.fspath(self._secrets), "")], []
+
+    def _walk_some(self, todo: list[tuple[str, str]], names: list[str], *, budget: int) -> bool:
+        """Read up to ``budget`` directories of a listing walk; True when it is done.
+
+        Iterative, so an async caller can walk a slice at a time and yield.
+
+        Raises:
+            BackendUnavailable: the store root is missing or unreadable.
+        """
+        while todo and budget > 0:
+            budget -= 1
+            directory, prefix = todo.pop()
+            try:
+                with os.scandir(directory) as entries:
+                    subdirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
+            except FileNotFoundError:
+                if prefix:
+                    continue  # removed while we walked: it holds no secret any more
+                self._check_root("listing secrets")
+                return True  # the root exists but nothing was written yet
+            except OSError as exc:
+                raise self._os_error(exc, "listing secrets", Path(directory)) from None
+            for entry in subdirs:
+                if entry.name == "versions":
+                    if prefix and _is_listable(prefix[:-1]):
+                        names.append(prefix[:-1])
+                elif not is_temp_name(entry.name):
+                    todo.append((entry.path, f"{prefix}{entry.name}/"))
+        return not todo
 
     def _walk(self, directory: Path, prefix: str, names: list[str], *, top: bool = False) -> None:
         """Append the secret names under ``directory`` (whose name prefix is ``prefix``)."""

@@ -471,3 +471,32 @@ async def test_watch_latency_is_printed(
             f"p50 {statistics.median(delays):.1f} ms, max {delays[-1]:.1f} ms "
             f"(debounce {store.watch_debounce_ms} ms, step {store.watch_step_ms} ms)"
         )
+
+
+async def test_listing_and_markers_run_on_the_loop_in_slices_not_in_a_thread(
+    store: FileStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Profiled (docs/performance.md): in a worker thread each stat or scandir
+    # waited for the GIL behind busy readers; a 10,000-secret resync took 46 s.
+    for i in range(600):
+        await _staged(store, f"bulk/s{i:03d}", "v1")
+    await store.list_names()  # the one-time ownership check may use a thread
+
+    async def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a worker thread was used")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+    yields = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float, *args: Any) -> Any:
+        nonlocal yields
+        yields += delay == 0
+        return await real_sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    names = await store.list_names()
+    assert len(names) == 600 and names == sorted(names)
+    markers = await store.stage_markers_many(names)
+    assert all(m is not None for m in markers)
+    assert yields >= 2  # it gave the loop back between slices
