@@ -47,7 +47,8 @@ _CONCURRENCY = 16
 _BATCH = 256
 _BATCH_WORKERS = 2
 #: Names per marker check (a stat each, in one thread hop).
-_MARKER_SLICE = 2048
+_MARKER_SLICE = 512
+_MATCH_SLICE = 1024
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -143,7 +144,11 @@ class Refresher:
         if len(literal) == len(self.patterns):
             return sorted(set(literal))
         listed = await self.store.list_names()
-        return sorted({n for n in listed if matches(n, self.patterns)} | set(literal))
+        wanted = set(literal)
+        for i in range(0, len(listed), _MATCH_SLICE):  # fnmatch: ~3 us a name; yield
+            wanted.update(n for n in listed[i : i + _MATCH_SLICE] if matches(n, self.patterns))
+            await asyncio.sleep(0)
+        return sorted(wanted)
 
     async def _refresh_many(self, names: Iterable[str], *, trigger: str) -> list[str]:
         """Refresh ``names`` with a few workers over a queue; return those that failed

@@ -78,6 +78,8 @@ __all__ = ["RESERVED_SEGMENTS", "FileStore", "check_name"]
 
 #: Names per slice of inline work (a stat each: about 1 ms a slice).
 _INLINE_SLICE = 256
+#: Files read per slice of inline work (an open, a read and a parse each).
+_READ_SLICE = 32
 
 
 class FileStore(DiskOps):
@@ -244,13 +246,15 @@ class FileStore(DiskOps):
 
     async def read_stages_many(self, names: Sequence[str]) -> list[StageState | Exception]:
         """:meth:`read_stages` of each name, in one worker-thread hop."""
-        return await self._run_many("read_stages", self._read_stages, [(n,) for n in names])
+        return await self._run_many(
+            "read_stages", self._read_stages, [(n,) for n in names], inline=True
+        )
 
     async def read_versions_many(
         self, wanted: Sequence[tuple[str, str]]
     ) -> list[StoredVersion | Exception]:
         """:meth:`read_version` of each (name, version id), in one worker-thread hop."""
-        return await self._run_many("read_version", self._read_version, list(wanted))
+        return await self._run_many("read_version", self._read_version, list(wanted), inline=True)
 
     async def stage_markers_many(self, names: Sequence[str]) -> list[object]:
         """A stat of each ``stages.json`` (inode, mtime, ctime, size), in one thread hop.
@@ -282,11 +286,21 @@ class FileStore(DiskOps):
         return out
 
     async def _run_many(
-        self, operation: str, func: Callable[..., _T], calls: Sequence[tuple[Any, ...]]
+        self,
+        operation: str,
+        func: Callable[..., _T],
+        calls: Sequence[tuple[Any, ...]],
+        *,
+        inline: bool = False,
     ) -> list[_T | Exception]:
-        """Run ``func(*args)`` for each of ``calls`` in one worker thread; count each outcome."""
+        """Run ``func(*args)`` for each of ``calls``; count each outcome.
 
-        def batch() -> list[_T | Exception]:
+        In one worker thread, or with ``inline`` on the loop in slices that
+        yield (reads of small files: see :meth:`stage_markers_many` for why a
+        thread is slower while readers keep the loop busy).
+        """
+
+        def batch(calls: Sequence[tuple[Any, ...]]) -> list[_T | Exception]:
             out: list[_T | Exception] = []
             for args in calls:
                 try:
@@ -301,7 +315,13 @@ class FileStore(DiskOps):
                     out.append(exc)
             return out
 
-        results = await asyncio.to_thread(batch)
+        if inline:
+            results: list[_T | Exception] = []
+            for i in range(0, len(calls), _READ_SLICE):
+                results += batch(calls[i : i + _READ_SLICE])
+                await asyncio.sleep(0)
+        else:
+            results = await asyncio.to_thread(batch, calls)
         if self.metrics is not None:
             outcomes: dict[str, int] = {}
             for r in results:
