@@ -166,9 +166,13 @@ async def _collect(proc: asyncio.subprocess.Process, stdin: bytes) -> bytes:
     writer, reader = proc.stdin, proc.stdout
 
     async def feed() -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            writer.write(stdin)
-            await writer.drain()
+        # A child may exit without reading its stdin. asyncio reports that as a
+        # broken pipe; uvloop raises RuntimeError on the closed transport (seen
+        # as "unexpected RuntimeError in the rotator" after the step had run).
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
+            if stdin and not writer.is_closing():
+                writer.write(stdin)
+                await writer.drain()
         writer.close()
 
     feeder = asyncio.create_task(feed())
