@@ -315,6 +315,12 @@ class FileStore(DiskOps):
                     out.append(exc)
             return out
 
+        if not self._owner_checked:  # as _run does: the bulk paths (import) skipped it
+            try:
+                await asyncio.to_thread(self._check_ownership)
+            except AgentError as exc:  # every item fails alike; callers handle items
+                self._count(operation, store_outcome(exc))
+                return [exc for _ in calls]
         if inline:
             results: list[_T | Exception] = []
             for i in range(0, len(calls), _READ_SLICE):
