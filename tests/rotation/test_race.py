@@ -13,14 +13,14 @@ from agent.config import AgentConfig
 from agent.core import Core
 from agent.rotation.engine import RotationEngine
 from agent.rotation.schedule import Schedule
-from agent.rotation.scheduler import RotationScheduler
+from agent.rotation.scheduler import RotationScheduler, build_rotator
 from agent.types import CURRENT, PREVIOUS
 from tests.agentenv import AgentEnv
 
 pytestmark = pytest.mark.integration
 
 AGENTS = 5
-RUN_FOR = 3.6  # seconds: three or four 1 s slots
+RUN_FOR = 4.6  # seconds: four or five 1 s slots
 
 
 async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str], set[str]]:
@@ -45,16 +45,21 @@ async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str
         _, running = await asyncio.wait(tasks, timeout=30)
         assert not running, f"{len(running)} schedulers did not stop when cancelled"
         ended = time.time()
-        schedule = Schedule(every=1)
-        slots = set()
-        t = started
-        while t <= ended + 1:
-            slots.add(schedule.slot_at(t).token(name))
-            t += 0.25
+        slots = slots_between(name, started, ended)
         store = cores[0].store
         async with asyncio.timeout(30):
-            versions = [v for v, _ in await store.list_versions(name)]
             stages = dict((await store.read_stages(name)).stages)
+            if "PENDING" in stages:
+                # The cancel interrupted a rotation (allowed: a PENDING is
+                # resumed on the next run). It must be a slot's version, and a
+                # new engine must finish it with that token, not make another.
+                pending = stages["PENDING"]
+                assert pending in slots_between(name, started, ended), stages
+                engine = RotationEngine(cores[0].writer(), cores[0].resolver)
+                result = await engine.rotate(name, build_rotator(config.rotation[0]))
+                assert (result.token, result.outcome) == (pending, "rotated"), result
+                stages = dict((await store.read_stages(name)).stages)
+            versions = [v for v, _ in await store.list_versions(name)]
             # Every version decrypts (no half-written envelope).
             for v in versions:
                 await cores[0].resolver.fetch(name, v)
@@ -62,6 +67,17 @@ async def race(config: AgentConfig, name: str) -> tuple[list[str], dict[str, str
     finally:
         async with asyncio.timeout(30):
             await asyncio.gather(*(core.aclose() for core in cores))
+
+
+def slots_between(name: str, started: float, ended: float) -> set[str]:
+    """The version ids (tokens) of every 1 s slot the race ran in."""
+    schedule = Schedule(every=1)
+    slots = set()
+    t = started
+    while t <= ended + 1:
+        slots.add(schedule.slot_at(t).token(name))
+        t += 0.25
+    return slots
 
 
 def check(versions: list[str], stages: dict[str, str], slots: set[str], first: str) -> None:
