@@ -11,6 +11,7 @@ With ``path=None`` the log is stdout and most of this is skipped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -122,14 +123,16 @@ class AuditFile:
             raise ConfigError(exc.message, path="audit.path") from None
         except OSError as exc:
             raise ConfigError(
-                f"cannot open audit log {self.path} (its directory): {exc.strerror}",
+                f"cannot open audit log {self.path} (its directory): {exc.strerror}"
+                + _denied(exc, self.path),
                 path="audit.path",
             ) from None
         try:
             fd = os.open(self.path.name, flags, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             raise ConfigError(
-                f"cannot open audit log {self.path} for appending: {exc.strerror}",
+                f"cannot open audit log {self.path} for appending: {exc.strerror}"
+                + _denied(exc, self.path),
                 path="audit.path",
             ) from None
         finally:
@@ -260,3 +263,12 @@ def _first_seq(fd: int) -> int | None:
         return None
     match = _FIRST_SEQ.match(head)
     return int(match.group(1)) if match else None
+
+
+def _denied(exc: OSError, path: Path) -> str:
+    """Owner, mode and fix when the log or its directory refuses the agent (else "")."""
+    if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+        return ""
+    where = path if path.exists() else path.parent
+    hint = fsutil.explain_denied(where, write=True, setting="audit.path")
+    return f': {hint} (audit.path "-" writes the records to stdout)'

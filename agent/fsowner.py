@@ -152,3 +152,70 @@ def _open_dir_at(dir_fd: int, name: str, path: Path, *, final: bool) -> int:
                 "refusing to follow it"
             ) from None
         raise
+
+
+def explain_denied(path: Path | str, *, write: bool, setting: str | None = None) -> str:
+    """Why the agent's uid may not read ``path`` (or write in it), for an error message.
+
+    Names the first path component that refuses access, its owner and mode
+    (or that its file system is read-only), the agent's uid and gid, and the
+    fix. ``write`` means creating entries in the directory ``path`` (or in its
+    nearest existing ancestor); otherwise reading ``path``. ``setting`` is the
+    config key that could point elsewhere.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    target = Path(os.path.abspath(path))
+    found = _first_refusal(target, write=write)
+    if found is None:
+        return f"the agent runs as uid {uid} gid {gid}"
+    culprit, verb = found
+    elsewhere = f"; or set {setting} to a path the agent can use" if setting else ""
+    if write and _read_only_fs(culprit):
+        return (
+            f"{culprit} is on a read-only file system. Fix: mount a writable volume there "
+            f"(a tmpfs, or a Kubernetes emptyDir){elsewhere}"
+        )
+    try:
+        what = describe(culprit, os.stat(culprit))
+    except OSError:
+        what = str(culprit)
+    if write and not os.path.lexists(target) and verb == "write in":
+        # Creating a missing directory in a system one (/, /run): make it, don't chown that.
+        return (
+            f"{what} does not let the agent (uid {uid} gid {gid}) create {target} in it. "
+            f"Fix: mkdir -p {target} && chown {uid}:{gid} {target}{elsewhere}"
+        )
+    return (
+        f"{what} does not let the agent (uid {uid} gid {gid}) {verb} it. "
+        f"Fix: chown {uid}:{gid} {culprit} (Docker: --tmpfs <dir>:uid={uid},gid={gid}; "
+        f"Kubernetes: securityContext.fsGroup: {gid}){elsewhere}"
+    )
+
+
+def _first_refusal(target: Path, *, write: bool) -> tuple[Path, str] | None:
+    """The first component on the way to ``target`` that refuses the agent, and what it refuses."""
+    for ancestor in reversed(target.parents):  # "/" first: each one's parent is searchable
+        if not os.path.lexists(ancestor):
+            return (ancestor.parent, "write in") if write else None
+        if not _access(ancestor, os.X_OK):
+            return ancestor, "enter (search)"
+    if not write:
+        return None if _access(target, os.R_OK) else (target, "read")
+    if not os.path.lexists(target):
+        target = target.parent
+    if not os.path.isdir(target):  # an existing file the agent opens for writing
+        return None if _access(target, os.W_OK) else (target, "write")
+    if _access(target, os.W_OK | os.X_OK) and not _read_only_fs(target):
+        return None
+    return target, "write in"
+
+
+def _access(path: Path, mode: int) -> bool:
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

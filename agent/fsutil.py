@@ -33,7 +33,13 @@ from typing import Any
 
 from agent.bounded import read_fd_capped
 from agent.fslock import FileLock
-from agent.fsowner import UnsafeDirectory, check_directory, describe, open_checked_dir
+from agent.fsowner import (
+    UnsafeDirectory,
+    check_directory,
+    describe,
+    explain_denied,
+    open_checked_dir,
+)
 
 __all__ = [
     "TEMP_SUFFIX",
@@ -44,6 +50,7 @@ __all__ = [
     "check_directory",
     "create_exclusive",
     "describe",
+    "explain_denied",
     "fsync_dir",
     "is_temp_name",
     "make_dirs",

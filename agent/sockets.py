@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import os
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _MAX_SUN_PATH = 107
 _SOCKET_DIR_MODE = 0o711  # others may connect but not list or write
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 #: asyncio's message when ``accept()`` fails with EMFILE, ENFILE, ENOBUFS or ENOMEM.
 _ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
 
@@ -74,10 +76,10 @@ def prepare_socket_path(path: Path, *, shared_volume: bool = False) -> None:
             f"socket path is longer than {_MAX_SUN_PATH} bytes: {path}", path="listen.socket"
         )
     parent = path.parent
-    if not parent.parent.exists():
-        # e.g. ~/.cache on a fresh account; private, and verified below like the rest.
-        fsutil.make_dirs(parent.parent, mode=0o700)
     try:
+        if not parent.parent.exists():
+            # e.g. ~/.cache on a fresh account; private, and verified below like the rest.
+            fsutil.make_dirs(parent.parent, mode=0o700)
         fd = fsutil.open_checked_dir(
             parent,
             create_mode=_SOCKET_DIR_MODE,
@@ -92,16 +94,31 @@ def prepare_socket_path(path: Path, *, shared_volume: bool = False) -> None:
                 "subdirectory the agent creates, e.g. <volume>/secrets-agent/agent.sock, and set "
                 "listen.shared_volume: true)"
             )
+        elif "writable by group or others" in exc.message and exc.message.startswith("socket"):
+            hint = (
+                " (with listen.shared_volume the volume is the socket directory's parent: "
+                f"use {parent / 'secrets-agent' / path.name})"
+            )
         raise ConfigError(exc.message + hint, path="listen.socket") from None
     except OSError as exc:
         raise ConfigError(
-            f"cannot create or open socket directory {parent}: {exc.strerror}",
+            f"cannot create or open socket directory {parent}: {exc.strerror}"
+            + _denied(exc, parent),
             path="listen.socket",
         ) from None
     try:
         _remove_stale(fd, path)
     finally:
         os.close(fd)
+
+
+def _denied(exc: OSError, directory: Path) -> str:
+    """The owner, mode and fix of a directory the agent may not write in (else "")."""
+    if exc.errno not in _DENIED:
+        return ""
+    return ": " + fsutil.explain_denied(
+        directory, write=True, setting="listen.socket (or $XDG_RUNTIME_DIR)"
+    )
 
 
 def _remove_stale(dir_fd: int, path: Path) -> None:
@@ -141,6 +158,15 @@ async def bind_unix_site(
     old = os.umask(0o177)  # the socket is created 0600, then opened up to ``mode``
     try:
         await web.UnixSite(runner, str(path)).start()
+    except OSError as exc:
+        # e.g. a root-owned --tmpfs mount: the directory passes the ownership
+        # check (root may own it) but the agent's uid cannot create the socket.
+        if exc.errno not in _DENIED:
+            raise
+        raise ConfigError(
+            f"cannot create the socket {path}: {exc.strerror}" + _denied(exc, path.parent),
+            path="listen.socket",
+        ) from None
     finally:
         os.umask(old)
     with contextlib.suppress(PermissionError):

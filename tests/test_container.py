@@ -152,3 +152,59 @@ def test_run_serves_and_becomes_ready_as_uid_10001(image_like: Layout) -> None:
             agent.communicate()
             raise
     assert agent.returncode == 0, err.decode()
+
+
+def _run_fails(env: dict[str, str], *argv: str) -> str:
+    proc = subprocess.run(
+        _as_agent("secrets-agent", *argv), env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    return proc.stderr
+
+
+def test_a_root_owned_tmpfs_for_the_socket_is_named_with_owner_mode_and_fix(
+    image_like: Layout,
+) -> None:
+    """`docker run --tmpfs /run/secrets-agent:mode=0711` without uid=: the mount is root's."""
+    _, run, env = image_like
+    sock_dir = run / "secrets-agent"
+    sock_dir.mkdir(mode=0o711)
+    sock_dir.chmod(0o711)
+    err = _run_fails(env, "run")
+    assert f"cannot create the socket {sock_dir / 'agent.sock'}: Permission denied" in err
+    assert f"{sock_dir} (owner root uid 0, mode 0711)" in err
+    assert f"(uid {UID} gid {UID})" in err
+    assert f"Fix: chown {UID}:{UID} {sock_dir}" in err
+    assert "listen.socket" in err
+
+
+def test_an_audit_log_on_the_read_only_config_mount_is_named_with_owner_mode_and_fix(
+    image_like: Layout,
+) -> None:
+    """An older config (audit.path: ./audit.log) on the read-only /etc/secrets-agent mount."""
+    conf, _, env = image_like
+    cfg = conf / "agent.yaml"
+    doc = yaml.safe_load(cfg.read_text())
+    doc["audit"] = {"path": "./audit.log"}
+    cfg.write_text(yaml.safe_dump(doc))
+    err = _run_fails(env, "run")
+    assert f"cannot open audit log {conf / 'audit.log'} for appending: Permission denied" in err
+    assert f"{conf} (owner root uid 0, mode 0755)" in err
+    assert f"Fix: chown {UID}:{UID} {conf}" in err
+    assert 'audit.path "-"' in err
+
+
+def test_an_unreadable_keyring_is_named_with_owner_mode_and_fix(image_like: Layout) -> None:
+    conf, _, env = image_like
+    os.chown(conf / "keyring.json", 0, 0)
+    proc = subprocess.run(
+        _as_agent("secrets-agent", "get", "app/db"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert proc.returncode != 0
+    assert f"{conf / 'keyring.json'} (owner root uid 0, mode 0600)" in proc.stderr
+    assert f"read it. Fix: chown {UID}:{UID} {conf / 'keyring.json'}" in proc.stderr

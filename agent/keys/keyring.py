@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from agent.bounded import MAX_JSON_DEPTH, Limits, loads_json
 from agent.crypto.envelope import canonical_json
 from agent.errors import ConfigError
+from agent.fsowner import explain_denied
 
 FORMAT: Final = "secrets-agent/keyring"
 KEYRING_VERSION: Final = 1
@@ -220,6 +221,9 @@ def _read(path: Path) -> tuple[bytes, Signature]:
             f"keyring {path} does not exist; create it with "
             "`secrets-agent init` or `secrets-agent keys create`"
         ) from None
+    except PermissionError as exc:
+        hint = explain_denied(path, write=False)
+        raise ConfigError(f"cannot open keyring {path}: {exc.strerror}: {hint}") from None
     except OSError as exc:
         raise ConfigError(f"cannot open keyring {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:

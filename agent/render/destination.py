@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import grp
 import os
 import pwd
@@ -193,7 +194,10 @@ def probe(
                 dir_fd=dir_fd,
             )
         except OSError as exc:
-            raise RenderError(f"cannot write in {where}: {exc.strerror}") from None
+            hint = ""
+            if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+                hint = ": " + fsutil.explain_denied(where, write=True)
+            raise RenderError(f"cannot write in {where}: {exc.strerror}{hint}") from None
         try:
             if owner.uid is not None or owner.gid is not None:
                 os.fchown(

@@ -33,6 +33,7 @@ from agent.fsutil import (
     FileLock,
     atomic_write,
     create_exclusive,
+    explain_denied,
     is_temp_name,
     make_dirs,
     read_nofollow,
@@ -148,8 +149,11 @@ class DiskOps:
                 f"{what}: the store directory {self.root} does not exist "
                 "(not mounted, moved away, or not initialised yet)"
             )
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return BackendUnavailable(f"{what}: permission denied on {path} ({code})")
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = explain_denied(path, write=False)
+            if hint.startswith("the agent runs as"):  # readable: so writing was refused
+                hint = explain_denied(path if os.path.isdir(path) else path.parent, write=True)
+            return BackendUnavailable(f"{what}: permission denied on {path} ({code}): {hint}")
         if exc.errno == errno.ELOOP:
             return AccessDenied(f"{what}: {path} is a symlink; the file store does not follow it")
         return BackendUnavailable(f"{what}: {code} on {path}")
