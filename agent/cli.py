@@ -58,10 +58,15 @@ def _add_config_flag(parser: argparse.ArgumentParser, *, default: object) -> Non
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser's subcommands; each without a description gets its one-line help as one."""
     out: list[argparse.ArgumentParser] = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            out.extend(action.choices.values())
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = str(helps[name]).capitalize() + "."
+                out.append(sub)
     return out
 
 

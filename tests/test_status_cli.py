@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import sys
+from asyncio.subprocess import PIPE
 
 import pytest
 
@@ -76,6 +79,27 @@ async def test_status_json_is_the_api_document(env: AgentEnv) -> None:
         assert "prod/db" in out and "CURRENT" in out
 
 
+async def test_health_wait_keeps_checking_until_the_agent_is_ready(env: AgentEnv) -> None:
+    """`health --ready --wait 60s` started before the agent exits 0 once it is ready."""
+    env.put("prod/db", "v")
+    cmd = [sys.executable, "-m", "agent", "-c", str(env.config_path), "health", "--ready"]
+    once = await asyncio.create_subprocess_exec(*cmd, stdout=PIPE, stderr=PIPE)
+    _, err = await asyncio.wait_for(once.communicate(), 60)
+    assert once.returncode == 1 and b"cannot reach the agent" in err
+    waiting = await asyncio.create_subprocess_exec(*cmd, "--wait", "60s", stdout=PIPE, stderr=PIPE)
+    try:
+        await asyncio.sleep(1.5)
+        assert waiting.returncode is None  # still checking: no agent yet
+        async with env.running():
+            out, err = await asyncio.wait_for(waiting.communicate(), 60)
+    finally:
+        if waiting.returncode is None:
+            waiting.kill()
+            await waiting.wait()
+    assert waiting.returncode == 0, err
+    assert b"ready" in out
+
+
 def _commands(parser=None, prefix=()):  # type: ignore[no-untyped-def]
     import argparse
 
@@ -96,6 +120,15 @@ def test_every_command_has_a_short_help(command: tuple[str, ...], capsys) -> Non
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: secrets-agent")
+    # its own --help says what it does, and every argument says what it is
+    assert not out.split("\n\n")[1].startswith(("positional arguments", "options"))
+    parser = {c: p for c, _, p in _commands()}[command]
+    common = ("-h", "-c", "--debug")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            continue
+        if not action.option_strings or action.option_strings[0] not in common:
+            assert action.help, f"{' '.join(command)}: {action.dest} has no help"
 
 
 def test_version(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from agent.commands.common import (
     run_async,
     with_core,
 )
-from agent.config import AgentConfig, default_config_path
+from agent.config import AgentConfig, default_config_path, parse_duration
 from agent.core import Core
 from agent.errors import ConfigError
 from agent.keys.base import KeyInfo, KeyManager
@@ -33,8 +34,9 @@ INIT_CONFIG = """\
 
 # Nothing is written next to this file: it may sit on a read-only mount.
 listen:
-  # The HTTP API's Unix socket. Default: $XDG_RUNTIME_DIR/secrets-agent/agent.sock
-  # (/run/secrets-agent/agent.sock as root, and in the container image).
+  # The HTTP API's Unix socket. Default: /run/secrets-agent/agent.sock as root
+  # and in the container image; else $XDG_RUNTIME_DIR/secrets-agent/agent.sock;
+  # else ~/.cache/secrets-agent/agent.sock (the agent logs it at start).
   # socket: /run/secrets-agent/agent.sock
   socket_mode: "0660"
 
@@ -237,11 +239,24 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    """One check, or checks every 0.5 s until one passes or ``--wait`` runs out."""
     path = "/readyz" if args.ready else "/healthz"
     try:
-        status, _, body = _client(args).request(path)
-    except ClientError as exc:
-        err(str(exc))
+        wait = parse_duration(args.wait)
+    except ValueError as exc:
+        raise ConfigError(f"--wait: {exc}") from None
+    deadline = time.monotonic() + wait
+    client = _client(args)
+    while True:
+        try:
+            status, _, body = client.request(path)
+        except ClientError as exc:
+            failure, status, body = str(exc), 0, b""
+        if status == 200 or time.monotonic() >= deadline:
+            break
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    if status == 0:
+        err(failure)
         return EXIT_FAILURE
     print(body.decode(errors="replace"))
     return EXIT_OK if status == 200 else EXIT_FAILURE
@@ -332,6 +347,12 @@ def register(sub: Any) -> None:
             p.add_argument("--json", action="store_true", help="the status document, for scripts")
         else:
             p.add_argument("--ready", action="store_true", help="check readiness instead")
+            p.add_argument(
+                "--wait",
+                default="0s",
+                metavar="DURATION",
+                help="keep checking for up to this long, e.g. 30s (default: check once)",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("keys", help="list, create or rotate master keys")
@@ -343,5 +364,5 @@ def register(sub: Any) -> None:
     ):
         kp = ksub.add_parser(name, help=text)
         kp.add_argument("--provider", help="only this provider (a name under 'keys')")
-        kp.add_argument("--json", action="store_true")
+        kp.add_argument("--json", action="store_true", help="JSON, for scripts")
     p.set_defaults(func=cmd_keys)

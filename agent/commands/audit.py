@@ -40,5 +40,10 @@ def register(sub: Any) -> None:
         "verify",
         help="check the hash chain of an audit log (files oldest first, or a directory)",
     )
-    p.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE_OR_DIR",
+        help="audit log files (rotated ones oldest first), or their directory",
+    )
     p.set_defaults(func=cmd_verify)

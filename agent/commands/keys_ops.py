@@ -86,7 +86,7 @@ def register(sub: Any) -> None:
             "they were (changed concurrently, or unreadable)."
         ),
     )
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="secrets to rewrap (or --store-wide)")
     p.add_argument("--store-wide", action="store_true", help="every secret in the store")
     p.add_argument(
         "--add-recipient",

@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
             "(put, import, rotation) prune the secret they wrote on their own."
         ),
     )
-    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("names", nargs="*", metavar="NAME", help="secrets to prune (or --all)")
     p.add_argument("--all", action="store_true", help="every secret in the store")
     p.add_argument("--keep", type=int, help="unstaged versions to keep (overrides the config)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")

@@ -171,8 +171,18 @@ def register(sub: Any) -> None:
         action="store_true",
         help="restart the command when a referenced secret changes",
     )
-    p.add_argument("--stop-signal", default="SIGTERM", choices=[s.name for s in signal.Signals])
-    p.add_argument("--stop-timeout", default="10s", help="before SIGKILL (default 10s)")
-    p.add_argument("--poll", default="1s", help="version check interval (default 1s)")
+    p.add_argument(
+        "--stop-signal",
+        default="SIGTERM",
+        choices=[s.name for s in signal.Signals],
+        metavar="SIGNAL",
+        help="sent to stop the command for a restart (default SIGTERM)",
+    )
+    p.add_argument(
+        "--stop-timeout", default="10s", metavar="DURATION", help="before SIGKILL (default 10s)"
+    )
+    p.add_argument(
+        "--poll", default="1s", metavar="DURATION", help="version check interval (default 1s)"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_exec)

@@ -186,11 +186,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "rotate", help="rotate a secret now (create, set, test, finish), or resume a rotation"
     )
-    p.add_argument("name")
+    p.add_argument("name", help="the secret's name")
     p.add_argument(
         "--dry-run", action="store_true", help="show where it would start; change nothing"
     )
-    p.add_argument("--rotator", help=f"rotator to use ({', '.join(sorted(ROTATORS))})")
+    p.add_argument(
+        "--rotator",
+        help=f"rotator to use ({', '.join(sorted(ROTATORS))}; default: the secret's rotation rule)",
+    )
     p.add_argument(
         "--param",
         action="append",

@@ -259,7 +259,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add this module's subcommands to the parser."""
     p = sub.add_parser("put", help="write a new version (value from stdin by default)")
-    p.add_argument("name")
+    p.add_argument("name", help="the secret's name, e.g. app/db-password")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--file", help="read the value from this file")
     src.add_argument("--value", help="the value itself (visible in the process list)")
@@ -269,30 +269,34 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_put)
 
     p = sub.add_parser("import", help="write many secrets from a JSON, YAML or dotenv file")
-    p.add_argument("path")
-    p.add_argument("--format", choices=["json", "yaml", "dotenv"])
+    p.add_argument("path", help="a file of name: value pairs (a JSON object, YAML mapping or .env)")
+    p.add_argument(
+        "--format",
+        choices=["json", "yaml", "dotenv"],
+        help="the file's format (default: from its extension)",
+    )
     p.add_argument("--prefix", help="prepended to every name, e.g. app/")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("get", help="decrypt and print one secret (reads the store directly)")
-    p.add_argument("name")
+    p.add_argument("name", help="the secret's name")
     sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--stage")
-    sel.add_argument("--version")
+    sel.add_argument("--stage", help="the version carrying this stage (default CURRENT)")
+    sel.add_argument("--version", help="this version id")
     p.add_argument("--key", help="print one field of a JSON secret")
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("list", help="list secret names and their CURRENT versions")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON, for scripts")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("describe", help="versions and stages of a secret (never values)")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("name", help="the secret's name")
+    p.add_argument("--json", action="store_true", help="JSON, for scripts")
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("promote", help="move a stage to a version")
-    p.add_argument("name")
-    p.add_argument("stage")
-    p.add_argument("version")
+    p.add_argument("name", help="the secret's name")
+    p.add_argument("stage", help="CURRENT, PREVIOUS, PENDING or a custom label")
+    p.add_argument("version", help="the version id to move it to (see describe)")
     p.set_defaults(func=cmd_promote)
