@@ -115,7 +115,10 @@ DESCRIPTIONS = {
     "access[].gids": "Caller gids, primary or supplementary.",
     "access[].exe": "Globs over the caller's `/proc/<pid>/exe`.",
     "access[].token": "A `listen.tcp.tokens` name (TCP callers).",
-    "access[].stages": 'Stages this rule may read; `"*"` for all.',
+    "access[].stages": (
+        'Stages this rule may read; `"*"` for all; `[]`: none (the caller may list the '
+        "secrets and see `status`, but reads no value: an operator's grant)"
+    ),
     "templates": "Rendered files. See [rendering.md](rendering.md).",
     "templates[].name": "A short name: the `template` label of the render metrics and the "
     "name in `status` (default: the index in this list).",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from asyncio.subprocess import PIPE
 
@@ -63,6 +64,27 @@ def test_status_table_is_aligned_and_shows_state() -> None:
     assert "STALE (store unavailable)" in api and "67m ago" in api
     assert lines[6].startswith("TEMPLATE") and lines[7].startswith("db ")
     assert "2026-12-01 23:15:15" in lines[7] and lines[7].endswith("ok")
+
+
+def test_status_says_why_details_are_hidden_from_a_caller_no_rule_names() -> None:
+    out = format_status({"ready": True})
+    assert out.startswith("ready: yes\n")
+    assert "no secrets loaded" not in out
+    assert f"no access rule names this caller (uid {os.geteuid()})" in out
+    assert f"uids: [{os.geteuid()}], stages: []" in out
+
+
+async def test_a_rule_with_no_stages_shows_status_but_reads_no_value(env: AgentEnv) -> None:
+    """The operator's grant the hint suggests: status in full, every value read refused."""
+    env.put("prod/db", "v")
+    env.configure(access=[{"secrets": ["*"], "uids": [os.geteuid()], "stages": []}])
+    async with env.running() as agent:
+        code, out, err = await asyncio.to_thread(env.cli, "status")
+        assert code == 0, err
+        assert "prod/db" in out and "details hidden" not in out
+        status, _, _ = await agent.get("/v1/secrets/prod/db")
+        assert status == 403
+        assert await agent.value("prod/db") is None
 
 
 async def test_status_json_is_the_api_document(env: AgentEnv) -> None:

@@ -172,6 +172,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(doc: dict[str, Any]) -> str:
     """The ``status`` tables: secrets, then templates; every column aligned."""
     lines = [f"ready: {'yes' if doc.get('ready') else 'no'}"]
+    if "secrets" not in doc:
+        # The agent shows details only to a caller some access rule names.
+        uid = os.geteuid()
+        lines += [
+            "",
+            f"details hidden: no access rule names this caller (uid {uid}). To let it see",
+            "status without reading any value, add to access: "
+            f'{{secrets: ["*"], uids: [{uid}], stages: []}}',
+        ]
+        return "\n".join(lines)
     secrets = doc.get("secrets") or []
     rows = [["SECRET", "VERSION", "STAGES", "CHECKED", "LAST REFRESH", "STATE"]]
     for s in secrets:
