@@ -44,6 +44,10 @@ templates:
     mode: "0400"
 YAML
 fi
+# A demo/agent.yaml written by something else would serve elsewhere than the
+# socket printed below.
+grep -q '^# Added by scripts/demo.sh' "$demo/agent.yaml" \
+    || { echo "demo: $demo/agent.yaml was not written by this script; move $demo away and run it again" >&2; exit 1; }
 if ! sa describe demo/db >/dev/null 2>&1; then
     password="$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(18))')"
     printf '{"engine": "postgres", "host": "127.0.0.1", "port": 5432, "username": "app", "password": "%s", "dbname": "app"}' \
