@@ -1,8 +1,8 @@
-"""docs/configuration.md and docs/cli.md are generated from the config model and the parser."""
+"""docs/configuration.md, cli.md and observability.md are generated from the code."""
 
 from __future__ import annotations
 
-from agent import cli_docs, config_docs
+from agent import cli_docs, config_docs, metrics_docs
 
 
 def test_every_config_field_has_a_description() -> None:
@@ -37,3 +37,15 @@ def test_the_committed_cli_reference_is_current() -> None:
         f"    .venv/bin/{cli_docs.REGENERATE}\n"
         "and commit the result."
     )
+
+
+def test_the_committed_metrics_reference_is_current() -> None:
+    """docs/observability.md (which the alert rules point at) lists every metric as defined."""
+    text = metrics_docs.DOC.read_text(encoding="utf-8")
+    assert text == metrics_docs.reference(), (
+        "docs/observability.md is stale: a metric changed. Regenerate it with\n"
+        f"    .venv/bin/{metrics_docs.REGENERATE}\n"
+        "and commit the result."
+    )
+    assert "| `secrets_agent_cache_stale_age_seconds` | gauge | - |" in text
+    assert "| `secrets_agent_renders_total` | counter | `template`, `outcome` |" in text
