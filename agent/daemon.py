@@ -125,6 +125,8 @@ class Daemon:
         self.shutdown = asyncio.Event()
         self._config_file = Path(os.path.abspath(config.source)) if config.source else None
         self._runners: list[web.AppRunner] = []
+        #: (st_dev, st_ino) of the socket this agent bound: only that one is removed on exit.
+        self._socket_id: tuple[int, int] | None = None
         self.state.status_providers.append(self._connection_status)
         self._interrupts = 0
         self.reload_hooks: list[Callable[[AgentConfig], None]] = [self.rotation.reconfigure]
@@ -210,6 +212,8 @@ class Daemon:
             group=listen.socket_group,
             shared_volume=listen.shared_volume,
         )
+        st = os.stat(listen.socket, follow_symlinks=False)
+        self._socket_id = (st.st_dev, st.st_ino)
         log.info("serving on unix socket %s", listen.socket)
         if listen.tcp is not None:
             trunner, port = await start_tcp_listener(
@@ -230,8 +234,17 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.listen.socket)
+        # Never the path of a start that failed (e.g. another live agent's socket).
+        bound, self._socket_id = self._socket_id, None
+        path = self.config.listen.socket
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == bound:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove the socket %s: %s", path, exc.strerror)
 
     # -------------------------------------------------------------------- signals
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from agent.daemon import Daemon
+from agent.errors import ConfigError
 from tests.agentenv import AgentEnv, RunningAgent
 
 COUNT = 120
@@ -89,3 +93,18 @@ async def test_the_stale_gauge_is_kept_as_entries_turn_stale_and_fresh(env: Agen
         away.rename(store)
         await agent.daemon.refresher.resync(trigger="poll")
         assert _sample(agent, "secrets_agent_cache_stale_secrets") == 0
+
+
+async def test_a_second_agent_on_the_same_socket_fails_and_leaves_the_first_one_serving(
+    env: AgentEnv,
+) -> None:
+    """The refused start used to unlink the live agent's socket on its way out."""
+    env.put("app/a", "v")
+    async with env.running() as agent:
+        second = Daemon(env.config())
+        with pytest.raises(ConfigError, match="another process is listening"):
+            await asyncio.wait_for(second.run(), 30)
+        assert env.socket.is_socket()
+        status, _, _ = await agent.get("/healthz")
+        assert status == 200
+    assert not env.socket.exists()  # the first one removes its own socket on exit
