@@ -66,6 +66,7 @@ class Core:
             self.store,
             self.datakeys,
             retention=RetentionPolicy(retention.keep_unstaged, retention.max_age),
+            accept_unproven=self.config.store.accept_unproven_stages,
         )
 
     async def aclose(self) -> None:

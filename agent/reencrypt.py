@@ -43,6 +43,8 @@ class ReencryptReport:
     wraps: dict[str, int] = field(default_factory=dict)
     #: Stage maps without proof (written before proofs existed) signed in place.
     signed: int = 0
+    #: Stage maps without proof left unsigned (``store.accept_unproven_stages`` is off).
+    unproven: int = 0
 
     @property
     def complete(self) -> bool:
@@ -159,6 +161,9 @@ class Reencryptor:
 
         This is the upgrade step: it vouches for the map as it is now, so check
         it first (``describe``). A map that moved meanwhile is left to a next run.
+        Only while ``store.accept_unproven_stages`` is on: otherwise a map
+        without proof is a store writer's edit (its proof dropped) as likely as
+        an old one, and a routine re-encryption must not vouch for it.
         """
         if getattr(self.core.store, "plaintext", False):
             return
@@ -168,6 +173,9 @@ class Reencryptor:
             return
         current = state.stages.get(CURRENT)
         if state.proof is not None or current is None:
+            return
+        if not self.core.config.store.accept_unproven_stages:
+            self.report.unproven += 1
             return
         try:
             await self.core.writer().promote(name, CURRENT, current)

@@ -119,7 +119,8 @@ class StageGuard:
         if refusal is not None and refusal.revision == state.revision:
             return self._still_refused(name, state, refusal, held)
         try:
-            sequence = await self._verify(name, state, key_envelope)
+            proof = await self._verify(name, state, key_envelope)
+            sequence = -1 if proof is None else proof.sequence
             if sequence < 0 and held is not None and held.sequence >= 0:
                 raise StageMapRefused(
                     f"stage map of secret {name!r} carries no proof, while the one in "
@@ -130,6 +131,14 @@ class StageGuard:
                     f"stage map of secret {name!r} is older than the one in service "
                     f"(sequence {sequence} < {held.sequence}): a replayed map"
                 )
+            if proof is not None and held is not None and 0 < (proof.base or 0) < held.sequence:
+                # A writer added a label on top of a replayed map and kept its
+                # CURRENT: the rolled-back one.
+                raise StageMapRefused(
+                    f"stage map of secret {name!r} keeps CURRENT from an older map than the "
+                    f"one in service (base {proof.base} < {held.sequence}): a replayed map, "
+                    "moved on"
+                )
         except StageMapRefused as exc:
             return self._refuse(name, state, exc, held)
         self._accept(name, state, sequence, held)
@@ -137,55 +146,11 @@ class StageGuard:
 
     async def _verify(
         self, name: str, state: StageState, key_envelope: StoredVersion | None = None
-    ) -> int:
-        """The proven sequence of ``state`` (StageMapRefused if it has no valid proof)."""
-        if state.proof is None:
-            if self.accept_unproven:
-                return -1
-            raise StageMapRefused(
-                f"stage map of secret {name!r} carries no proof (edited by hand, or written "
-                "before proofs existed: run `secrets-agent promote NAME CURRENT <id>` to sign it, "
-                "or set store.accept_unproven_stages: true while upgrading)"
-            )
-        try:
-            proof = stageproof.parse(state.proof)
-        except stageproof.StageProofError as exc:
-            raise StageMapRefused(f"stage map of secret {name!r}: {exc}") from None
-        if proof.key_version not in state.stages.values():
-            raise StageMapRefused(
-                f"stage map of secret {name!r}: its proof is keyed by a version it does not stage"
-            )
-        dek = await self._dek(name, proof.key_version, key_envelope)
-        ok = stageproof.verify(
-            dek, proof, store_id=self.store.store_id, secret=name, stages=state.stages
-        )
-        if not ok:
-            raise StageMapRefused(
-                f"stage map of secret {name!r} does not match its proof (edited, or copied "
-                "from another secret or store)"
-            )
-        return proof.sequence
-
-    async def _dek(self, name: str, version_id: str, stored: StoredVersion | None) -> bytes:
-        try:
-            if stored is None:
-                stored = await self.store.read_version(name, version_id)
-        except NotFound:
-            raise StageMapRefused(
-                f"stage map of secret {name!r}: its proof's key version {version_id!r} "
-                "does not exist"
-            ) from None
-        expected = EnvelopeContext(name, version_id, self.store.store_id)
-        try:
-            env = parse(stored.envelope, where=expected.describe())
-            if env.context != expected:
-                raise DecryptionError("misplaced envelope")
-            return await self.datakeys.unwrap(env.keys, store_id=self.store.store_id)
-        except DecryptionError as exc:
-            raise StageMapRefused(
-                f"stage map of secret {name!r}: the key of its proof cannot be opened "
-                f"({exc.message})"
-            ) from None
+    ) -> stageproof.StageProof | None:
+        """The valid proof of ``state`` (None: none, accepted while upgrading)."""
+        if state.proof is None and self.accept_unproven:
+            return None
+        return await verify_map(self.store, self.datakeys, name, state, key_envelope)
 
     def _accept(self, name: str, state: StageState, sequence: int, held: _Accepted | None) -> None:
         if held is not None and held.state.stages.get(CURRENT) != state.stages.get(CURRENT):
@@ -267,11 +232,77 @@ class StageGuard:
         return {"stage_maps_refused": out}
 
 
+async def verify_map(
+    store: SecretStore,
+    datakeys: DataKeys,
+    name: str,
+    state: StageState,
+    key_envelope: StoredVersion | None = None,
+) -> stageproof.StageProof:
+    """The proof of ``state``, checked: keyed by a version it stages, of this secret and
+    store, and matching the whole map.
+
+    Args:
+        key_envelope: the proof's key version, already read (batched refresh).
+
+    Raises:
+        StageMapRefused: no proof, or one that does not verify.
+        BackendUnavailable: the store or every key provider is unreachable.
+    """
+    if state.proof is None:
+        raise StageMapRefused(
+            f"stage map of secret {name!r} carries no proof (edited by hand, or written "
+            "before proofs existed: run `secrets-agent promote NAME CURRENT <id>` to sign it, "
+            "or set store.accept_unproven_stages: true while upgrading)"
+        )
+    try:
+        proof = stageproof.parse(state.proof)
+    except stageproof.StageProofError as exc:
+        raise StageMapRefused(f"stage map of secret {name!r}: {exc}") from None
+    if proof.key_version not in state.stages.values():
+        raise StageMapRefused(
+            f"stage map of secret {name!r}: its proof is keyed by a version it does not stage"
+        )
+    dek = await _dek(store, datakeys, name, proof.key_version, key_envelope)
+    if not stageproof.verify(dek, proof, store_id=store.store_id, secret=name, stages=state.stages):
+        raise StageMapRefused(
+            f"stage map of secret {name!r} does not match its proof (edited, or copied "
+            "from another secret or store)"
+        )
+    return proof
+
+
+async def _dek(
+    store: SecretStore,
+    datakeys: DataKeys,
+    name: str,
+    version_id: str,
+    stored: StoredVersion | None,
+) -> bytes:
+    try:
+        if stored is None:
+            stored = await store.read_version(name, version_id)
+    except NotFound:
+        raise StageMapRefused(
+            f"stage map of secret {name!r}: its proof's key version {version_id!r} does not exist"
+        ) from None
+    expected = EnvelopeContext(name, version_id, store.store_id)
+    try:
+        env = parse(stored.envelope, where=expected.describe())
+        if env.context != expected:
+            raise DecryptionError("misplaced envelope")
+        return await datakeys.unwrap(env.keys, store_id=store.store_id)
+    except DecryptionError as exc:
+        raise StageMapRefused(
+            f"stage map of secret {name!r}: the key of its proof cannot be opened ({exc.message})"
+        ) from None
+
+
 def _reason(message: str) -> str:
     """A bounded metric label for a refusal."""
     if "no proof" in message:
         return "unproven"
-    if "older than" in message:
+    if "older than" in message or "older map" in message:
         return "replayed"
     if "does not match" in message:
         return "mismatch"

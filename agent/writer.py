@@ -5,11 +5,16 @@ the DEK of the version it moves to, so a reader can tell our moves from a
 store writer's who holds no master key. Every move goes through
 :meth:`SecretWriter._move` (``put``, ``promote``, and rotation through
 :meth:`SecretWriter.apply_stages`).
+
+A move is built only on a map whose proof the writer checked first: signing
+a stage move on top of a hand-edited map would vouch for the labels the
+editor set (a rolled-back CURRENT kept while rotation adds PENDING). On a map
+without valid proof, ``put`` and ``promote`` of CURRENT start a new map with
+that version alone; every other move is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
@@ -28,6 +33,7 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.retention import RetentionPolicy, prune_quietly
+from agent.stageguard import StageMapRefused, verify_map
 from agent.stores.base import (
     BatchReadableStore,
     BulkWritableStore,
@@ -70,6 +76,19 @@ def promoted(current: Mapping[str, str], stage: str, version_id: str) -> dict[st
     return new
 
 
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """The stage map a move is built on, as far as the writer trusts it."""
+
+    state: StageState
+    #: The labels a move may keep: the map's own if its proof verified, else none.
+    stages: dict[str, str]
+    #: The proven sequence of ``state`` (0: no trusted proof).
+    sequence: int
+    #: Why ``state`` is not trusted (None: it is).
+    refused: StageMapRefused | None = None
+
+
 class SecretWriter:
     """Creates versions and moves stages in one store."""
 
@@ -79,11 +98,40 @@ class SecretWriter:
         datakeys: DataKeys,
         *,
         retention: RetentionPolicy | None = None,
+        accept_unproven: bool = False,
     ) -> None:
         self.store = store
         self.datakeys = datakeys
         #: Applied after each put (old unstaged versions pruned); None: keep all.
         self.retention = retention
+        #: Build on maps without proof as they stand (``store.accept_unproven_stages``).
+        self.accept_unproven = accept_unproven
+
+    async def _trust(self, name: str, state: StageState) -> _Base:
+        """Check ``state``'s proof before a move is built on it (see the module docstring)."""
+        if not state.stages or getattr(self.store, "plaintext", False):
+            return _Base(state, dict(state.stages), 0)
+        if state.proof is None and self.accept_unproven:
+            return _Base(state, dict(state.stages), 0)
+        try:
+            proof = await verify_map(self.store, self.datakeys, name, state)
+        except StageMapRefused as exc:
+            return _Base(state, {}, 0, exc)
+        return _Base(state, dict(state.stages), proof.sequence)
+
+    def _refuse(self, name: str, base: _Base) -> AgentError:
+        """The error for a move other than CURRENT on top of an untrusted map."""
+        assert base.refused is not None
+        message = (
+            f"{base.refused.message}; refusing to move stages on top of it. Check it with "
+            f"`secrets-agent describe {name}`; `secrets-agent promote {name} CURRENT <id>` "
+            "writes a new proven map with that version alone"
+        )
+        if not getattr(self.store, "stage_moves_atomic", True):
+            # Labels move one call at a time there: this may be another writer's move
+            # caught half-way (its proof follows), so it is worth a retry.
+            return Conflict(message)
+        return StageMapRefused(message)
 
     async def seal(self, name: str, version_id: str, value: bytes, value_type: ValueType) -> bytes:
         """Seal ``value`` as the envelope of ``name``/``version_id`` (no store write)."""
@@ -99,28 +147,45 @@ class SecretWriter:
         return dumps(env), dek
 
     async def _move(
-        self, name: str, state: StageState, stages: dict[str, str], key_version: str, dek: bytes
+        self,
+        name: str,
+        base: _Base,
+        stages: dict[str, str],
+        key_version: str,
+        dek: bytes,
+        *,
+        sets_current: bool,
     ) -> StageState:
-        """Compare-and-swap ``stages`` in, with its proof (keyed by ``key_version``'s DEK).
-
-        The sequence is one more than the map's, and at least the time in
-        microseconds, so it keeps growing even if a map lost its proof.
-        """
+        """Compare-and-swap ``stages`` in, with its proof (keyed by ``key_version``'s DEK)."""
         return await self.store.set_stages(
             name,
             stages,
-            expected_revision=state.revision,
-            proof=self._proof(name, state, stages, key_version, dek),
+            expected_revision=base.state.revision,
+            proof=self._proof(name, base, stages, key_version, dek, sets_current=sets_current),
         )
 
     def _proof(
-        self, name: str, state: StageState, stages: dict[str, str], key_version: str, dek: bytes
+        self,
+        name: str,
+        base: _Base,
+        stages: dict[str, str],
+        key_version: str,
+        dek: bytes,
+        *,
+        sets_current: bool,
     ) -> str:
-        previous = 0
-        if state.proof is not None:
-            with contextlib.suppress(stageproof.StageProofError):
-                previous = stageproof.parse(state.proof).sequence
-        sequence = max(previous + 1, time.time_ns() // 1000)
+        """The proof of ``stages``, built on ``base``.
+
+        The sequence is one more than the base's, and at least the time in
+        microseconds, so it keeps growing even if a map lost its proof. An
+        unproven map's own sequence is not used: its editor could set it to
+        the largest one the format allows. The proof's ``base`` is the base's
+        sequence when the move keeps the base's CURRENT (a PENDING or custom
+        label added), 0 when the move sets CURRENT itself: an agent refuses a
+        kept CURRENT that comes from a map older than the one it serves.
+        """
+        sequence = max(base.sequence + 1, time.time_ns() // 1000)
+        keeps_current = not sets_current and CURRENT in stages
         return stageproof.make(
             dek,
             store_id=self.store.store_id,
@@ -128,6 +193,7 @@ class SecretWriter:
             sequence=sequence,
             key_version=key_version,
             stages=stages,
+            base=base.sequence if keeps_current else 0,
         ).encode()
 
     async def _dek_of(self, name: str, version_id: str) -> bytes:
@@ -158,6 +224,8 @@ class SecretWriter:
             BadRequest: invalid name, stage, or (with ``validate_json``) not JSON.
             Conflict: the stage map moved concurrently; the version was written
                 but not staged (run ``promote`` to stage it).
+            StageMapRefused: ``stage`` is not CURRENT and the map in the store
+                has no valid proof (nothing was written).
         """
         validate_name(name)
         stage = normalize_stage(stage)
@@ -168,11 +236,18 @@ class SecretWriter:
                 raise BadRequest(f"the value for {name!r} is not valid JSON") from None
         version_id = validate_version_id(version_id or str(uuid.uuid4()))
         envelope, dek = await self._seal(name, version_id, value, value_type)
+        base = await self._trust(name, await self._state(name))
+        if base.refused is not None and stage != CURRENT:
+            raise self._refuse(name, base)
         await self.store.write_version(name, version_id, envelope)
-        state = await self._state(name)
         try:
             new = await self._move(
-                name, state, promoted(state.stages, stage, version_id), version_id, dek
+                name,
+                base,
+                promoted(base.stages, stage, version_id),
+                version_id,
+                dek,
+                sets_current=stage == CURRENT,
             )
         except Conflict as exc:
             raise Conflict(
@@ -221,8 +296,10 @@ class SecretWriter:
         states = await self.states_of([name for _, name, _, _, _ in sealed])
         moves = []
         for (_, name, vid, _, dek), state in zip(sealed, states, strict=True):
-            stages = promoted(state.stages, CURRENT, vid)
-            moves.append((name, stages, state.revision, self._proof(name, state, stages, vid, dek)))
+            base = await self._trust(name, state)
+            stages = promoted(base.stages, CURRENT, vid)
+            proof = self._proof(name, base, stages, vid, dek, sets_current=True)
+            moves.append((name, stages, state.revision, proof))
         staged = await store.set_stages_many(moves)
         await store.sync()
         for (i, name, vid, _, _), state, new in zip(sealed, states, staged, strict=True):
@@ -237,20 +314,31 @@ class SecretWriter:
     async def promote(self, name: str, stage: str, version_id: str) -> StageState:
         """Move ``stage`` of ``name`` to an existing version (one compare-and-swap).
 
+        On a map without valid proof only CURRENT may be moved, and the new
+        map holds that version alone: the way back from a refused map.
+
         Raises:
             VersionNotFound: no such version.
             Conflict: someone else moved the stages first.
+            StageMapRefused: ``stage`` is not CURRENT and the map has no valid proof.
         """
         validate_name(name)
         stage = normalize_stage(stage)
         validate_version_id(version_id)
-        state = await self._state(name)
+        base = await self._trust(name, await self._state(name))
+        if base.refused is not None and stage != CURRENT:
+            raise self._refuse(name, base)
         versions = {v for v, _ in await self.store.list_versions(name)}
         if version_id not in versions:
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
         dek = await self._dek_of(name, version_id)
         return await self._move(
-            name, state, promoted(state.stages, stage, version_id), version_id, dek
+            name,
+            base,
+            promoted(base.stages, stage, version_id),
+            version_id,
+            dek,
+            sets_current=stage == CURRENT,
         )
 
     async def apply_stages(
@@ -270,6 +358,8 @@ class SecretWriter:
                 nothing was written.
             VersionNotFound: a stage points at a version that does not exist.
             DecryptionError: the key version's envelope cannot be opened.
+            StageMapRefused: the map in the store has no valid proof, so
+                ``stages`` (computed from it) is not moved on top of it.
         """
         state = await self._state(name)
         if state.revision != expected_revision:
@@ -277,11 +367,17 @@ class SecretWriter:
                 f"stage map of secret {name!r} changed concurrently (expected revision "
                 f"{expected_revision!r}, found {state.revision!r}); nothing was written"
             )
+        base = await self._trust(name, state)
+        if base.refused is not None:
+            raise self._refuse(name, base)
         if not stages:
             return await self.store.set_stages(name, stages, expected_revision=expected_revision)
         key_version = stages.get(CURRENT) or stages[min(stages)]
         dek = await self._dek_of(name, key_version)
-        return await self._move(name, state, dict(stages), key_version, dek)
+        sets_current = stages.get(CURRENT) != base.stages.get(CURRENT)
+        return await self._move(
+            name, base, dict(stages), key_version, dek, sets_current=sets_current
+        )
 
     async def states_of(self, names: Sequence[str]) -> list[StageState]:
         """The stage map of each of ``names`` (empty for a new secret), batched where the

@@ -11,6 +11,7 @@ concurrent writers still converge on one proven map.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import pytest
 from agent.cache import SecretCache
 from agent.core import Core
 from agent.crypto import stageproof
-from agent.errors import Conflict
+from agent.errors import Conflict, VersionNotFound
 from agent.metrics import Metrics
 from agent.reencrypt import Reencryptor
 from agent.stageguard import StageGuard, StageMapRefused
@@ -231,7 +232,16 @@ async def test_upgrade_unproven_maps_are_refused_until_signed_or_explicitly_acce
         "CURRENT": vid
     }
 
+    # A routine reencrypt does not vouch for a map without proof: a store
+    # writer may have dropped the proof along with a rollback.
     report = await Reencryptor(core, list(core.config.write_keys)).run(["db"])
+    assert (report.signed, report.unproven) == (0, 1)
+    assert (await core.store.read_stages("db")).proof is None
+    # During the upgrade (accept_unproven_stages) it signs the map as it stands.
+    config = core.config
+    store = config.store.model_copy(update={"accept_unproven_stages": True})
+    upgrading = dataclasses.replace(core, config=config.model_copy(update={"store": store}))
+    report = await Reencryptor(upgrading, list(core.config.write_keys)).run(["db"])
     assert report.signed == 1
     signed = await core.store.read_stages("db")
     assert signed.stages == {"CURRENT": vid} and signed.proof is not None
@@ -241,6 +251,82 @@ async def test_upgrade_unproven_maps_are_refused_until_signed_or_explicitly_acce
     assert await lenient.check("db", signed) == signed
     await core.store.set_stages("db", {"CURRENT": vid}, expected_revision=signed.revision)
     assert await lenient.check("db", await core.store.read_stages("db")) == signed
+
+
+async def test_no_stage_move_is_built_on_a_hand_edited_map(core: Core) -> None:
+    """A writer with keys does not sign a store writer's rollback along with its own move.
+
+    Rotation adds PENDING to the map it reads: signing the whole map would
+    vouch for a CURRENT the attacker rolled back, and every agent would serve
+    it. The writer checks the map's proof first; on a map without valid proof
+    only CURRENT may be moved, and the new map holds that version alone.
+    """
+    writer = core.writer()
+    v1 = (await writer.put("db", b"revoked-password")).version_id
+    v2 = (await writer.put("db", b"new-password")).version_id
+    cache, recorder = _cache(core)
+    assert await _served(cache, "db") == b"new-password"
+    state = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", {"CURRENT": v1, "PREVIOUS": v2}, expected_revision=state.revision, proof=state.proof
+    )
+    edited = await core.store.read_stages("db")
+    versions = len(await core.store.list_versions("db"))
+
+    with pytest.raises(StageMapRefused, match="refusing to move stages on top of it"):
+        await writer.put("db", b"pending", stage="PENDING")
+    with pytest.raises(StageMapRefused, match="does not match its proof"):
+        await writer.apply_stages(
+            "db", {**edited.stages, "PENDING": v2}, expected_revision=edited.revision
+        )
+    with pytest.raises(StageMapRefused):
+        await writer.promote("db", "PREVIOUS", v1)
+    assert await core.store.read_stages("db") == edited
+    assert len(await core.store.list_versions("db")) == versions  # nothing written
+    assert await _served(cache, "db") == b"new-password"
+
+    # The way back: a move of CURRENT starts a new map with that version alone.
+    await writer.promote("db", "CURRENT", v2)
+    assert (await core.store.read_stages("db")).stages == {"CURRENT": v2}
+    assert await _served(cache, "db") == b"new-password"
+    v3 = (await writer.put("db", b"rotated")).version_id
+    assert (await core.store.read_stages("db")).stages == {"CURRENT": v3, "PREVIOUS": v2}
+    assert await _served(cache, "db") == b"rotated"
+    assert [r["event"] for r in recorder.records] == ["stage_map_refused"]
+
+
+async def test_a_move_built_on_a_replayed_map_is_refused(core: Core) -> None:
+    """A replayed old map has a valid proof, so a writer builds on it. Adding PENDING
+    keeps the replayed CURRENT: the proof names the map it kept it from, older
+    than the map in service, and the agent refuses it. A move that sets
+    CURRENT itself (``promote``) is served."""
+    writer = core.writer()
+    v1 = (await writer.put("db", b"revoked-password")).version_id
+    old = await core.store.read_stages("db")
+    v2 = (await writer.put("db", b"new-password")).version_id
+    cache, recorder = _cache(core)
+    assert await _served(cache, "db") == b"new-password"
+    current = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", old.stages, expected_revision=current.revision, proof=old.proof
+    )
+    assert await _served(cache, "db") == b"new-password"
+    # Rotation's first step, on top of the replayed map: CURRENT stays v1 in it.
+    await writer.put("db", b"pending", stage="PENDING")
+    laundered = await core.store.read_stages("db")
+    assert laundered.stages["CURRENT"] == v1 and laundered.proof is not None
+    proof = stageproof.parse(laundered.proof)
+    assert proof.base == stageproof.parse(old.proof or "").sequence
+    assert await _served(cache, "db") == b"new-password"
+    assert _refused(core, "replayed") == 2
+    assert "keeps CURRENT from an older map" in _status(core)[0]["message"]
+    assert len(recorder.records) == 2
+    # An explicit promote is built on the map in the store, now newer: served.
+    await writer.promote("db", "CURRENT", v2)
+    assert await _served(cache, "db") == b"new-password"
+    assert _status(core) == []
+    with pytest.raises(VersionNotFound):
+        await writer.promote("db", "CURRENT", "no-such-version")
 
 
 def _store_config(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:

@@ -68,6 +68,12 @@ def _print(report: ReencryptReport, targets: list[str]) -> None:
     )
     if report.signed:
         print(f"{report.signed} stage maps without proof signed as they stood")
+    if report.unproven:
+        print(
+            f"{report.unproven} stage maps without proof left unsigned: check them with "
+            "`describe`, then sign them with store.accept_unproven_stages: true or "
+            "`promote NAME CURRENT <id>`"
+        )
     for failure in report.failures:
         err(f"reencrypt: {failure}")
     if report.failed > len(report.failures):
