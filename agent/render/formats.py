@@ -194,10 +194,14 @@ def render_template(text: str, secrets: Mapping[str, Secret]) -> bytes:
         # The template text is configuration, not a value; its line is enough.
         message = f"template syntax error, line {exc.lineno}"
     except Exception as exc:
-        message = f"template {_kind(exc)}{_template_line(exc)}"
+        # Only the kind is scrubbed: the rest is our wording, a line number and
+        # the names the config lists, which a value that happens to contain
+        # "secr" or equal "app" would otherwise garble.
+        kind = scrub(_kind(exc), values.values())
+        message = f"template {kind}{_template_line(exc)}"
     names = ", ".join(repr(n) for n in sorted(secrets))
     message = f"{message} (template over secrets {names})" if names else message
-    raise RenderError(scrub(message, values.values())) from None
+    raise RenderError(message) from None
 
 
 class _TemplateFault(Exception):

@@ -154,6 +154,19 @@ def test_a_slice_of_a_value_used_as_a_key_is_not_in_the_error() -> None:
     assert "undefined name, key or attribute, line 1" in message
 
 
+def test_a_value_that_overlaps_the_wording_or_a_name_does_not_garble_the_error() -> None:
+    """Values "app" and "...secrets..." once turned the error into
+    ``template over se<redacted>s '<redacted>/q'``: the secret's name was lost."""
+    value = '{"user": "app", "password": "nosecretshere!"}'
+    text = "{{ secrets['app/q'][secrets['app/q'].password[1:]] }}"
+    cfg = _cfg(format="template", template=text, secret=None, secrets=["app/q"])
+    with pytest.raises(RenderError) as info:
+        render(cfg, {"app/q": make_secret("app/q", value)}, template_text=text)
+    assert info.value.message == (
+        "template error: undefined name, key or attribute, line 1 (template over secrets 'app/q')"
+    )
+
+
 def test_scrub_covers_every_fragment_of_4_or_more_and_short_values_standing_alone() -> None:
     assert scrub("got 'k7#mQ2' and 'abc' and 'zz'", ["Xk7#mQ2$", "abc", "zz"]) == (
         "got '<redacted>' and '<redacted>' and '<redacted>'"
