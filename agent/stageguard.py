@@ -41,6 +41,11 @@ class StageMapRefused(DecryptionError):
     """A stage map without valid proof, or older than the one in service."""
 
 
+class KeyVersionGone(StageMapRefused):
+    """The version keying a map's proof does not exist: refused, unless the map
+    moved meanwhile (a writer moved the stages, then pruned that version)."""
+
+
 @dataclass(slots=True)
 class _Accepted:
     state: StageState
@@ -99,11 +104,20 @@ class StageGuard:
             return None
 
     async def check(
-        self, name: str, state: StageState, *, key_envelope: StoredVersion | None = None
+        self,
+        name: str,
+        state: StageState,
+        *,
+        key_envelope: StoredVersion | None = None,
+        again: bool = True,
     ) -> StageState:
         """The stage map to use for ``name``: ``state`` if proven and not older.
 
         ``key_envelope``: the proof's key version, already read (batched refresh).
+
+        ``again``: if the proof's key version is gone and the map moved
+        meanwhile, check the new map (once) rather than refuse a map no
+        longer there.
 
         Raises:
             StageMapRefused: ``state`` is refused and none is in service yet.
@@ -119,7 +133,13 @@ class StageGuard:
         if refusal is not None and refusal.revision == state.revision:
             return self._still_refused(name, state, refusal, held)
         try:
-            proof = await self._verify(name, state, key_envelope)
+            try:
+                proof = await self._verify(name, state, key_envelope)
+            except KeyVersionGone:
+                fresh = await self.store.read_stages(name)
+                if again and fresh.revision != state.revision:
+                    return await self.check(name, fresh, again=False)
+                raise
             sequence = -1 if proof is None else proof.sequence
             if sequence < 0 and held is not None and held.sequence >= 0:
                 raise StageMapRefused(
@@ -283,7 +303,7 @@ async def _dek(
         if stored is None:
             stored = await store.read_version(name, version_id)
     except NotFound:
-        raise StageMapRefused(
+        raise KeyVersionGone(
             f"stage map of secret {name!r}: its proof's key version {version_id!r} does not exist"
         ) from None
     expected = EnvelopeContext(name, version_id, store.store_id)

@@ -33,7 +33,7 @@ from agent.errors import (
     VersionNotFound,
 )
 from agent.retention import RetentionPolicy, prune_quietly
-from agent.stageguard import StageMapRefused, verify_map
+from agent.stageguard import KeyVersionGone, StageMapRefused, verify_map
 from agent.stores.base import (
     BatchReadableStore,
     BulkWritableStore,
@@ -115,6 +115,12 @@ class SecretWriter:
             return _Base(state, dict(state.stages), 0)
         try:
             proof = await verify_map(self.store, self.datakeys, name, state)
+        except KeyVersionGone as exc:
+            if (await self._state(name)).revision != state.revision:
+                raise Conflict(
+                    f"stage map of secret {name!r} changed while its proof was checked"
+                ) from None
+            return _Base(state, {}, 0, exc)
         except StageMapRefused as exc:
             return _Base(state, {}, 0, exc)
         return _Base(state, dict(state.stages), proof.sequence)
@@ -295,11 +301,20 @@ class SecretWriter:
         ]
         states = await self.states_of([name for _, name, _, _, _ in sealed])
         moves = []
-        for (_, name, vid, _, dek), state in zip(sealed, states, strict=True):
-            base = await self._trust(name, state)
+        trusted = []
+        for item, state in zip(sealed, states, strict=True):
+            i, name, vid, _, dek = item
+            try:
+                base = await self._trust(name, state)
+            except AgentError as exc:
+                results[i] = exc
+                continue
             stages = promoted(base.stages, CURRENT, vid)
             proof = self._proof(name, base, stages, vid, dek, sets_current=True)
             moves.append((name, stages, state.revision, proof))
+            trusted.append((item, state))
+        sealed = [item for item, _ in trusted]
+        states = [state for _, state in trusted]
         staged = await store.set_stages_many(moves)
         await store.sync()
         for (i, name, vid, _, _), state, new in zip(sealed, states, staged, strict=True):

@@ -329,6 +329,28 @@ async def test_a_move_built_on_a_replayed_map_is_refused(core: Core) -> None:
         await writer.promote("db", "CURRENT", "no-such-version")
 
 
+async def test_a_map_whose_key_version_was_pruned_after_a_move_is_no_false_alarm(
+    core: Core,
+) -> None:
+    """A reader (or writer) that read a map just before another writer moved the
+    stages and pruned the map's key version checks the new map, not refuses the old."""
+    writer = core.writer()
+    await writer.put("db", b"one")
+    v2 = (await writer.put("db", b"two")).version_id
+    _, recorder = _cache(core)
+    read_before = await core.store.read_stages("db")  # keyed by v2, not yet checked
+    await writer.put("db", b"three", stage="PENDING")
+    v3 = (await core.store.read_stages("db")).stages["PENDING"]
+    await writer.promote("db", "CURRENT", v3)
+    await writer.promote("db", "PREVIOUS", v3)  # v2 is now unstaged
+    await core.store.delete_version("db", v2)
+    assert core.resolver.guard is not None
+    checked = await core.resolver.guard.check("db", read_before)
+    assert checked.stages["CURRENT"] == v3
+    assert recorder.records == [] and _status(core) == []
+    assert _refused(core, "invalid") == 0
+
+
 def _store_config(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     if kind == "etcd":
