@@ -274,3 +274,40 @@ def test_the_image_is_pinned_labelled_and_non_root() -> None:
         assert f"org.opencontainers.image.{label}=" in text
     assert "USER 10001:10001" in text
     assert (ROOT / "constraints.txt").is_file()
+
+
+def _runtime_requirements() -> dict[str, str]:
+    """Every distribution the image installs (`.[etcd,aws,pkcs11]`), transitively, by name."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, str] = {}
+    todo = [("secrets-agent", frozenset({"etcd", "aws", "pkcs11"}))]
+    while todo:
+        name, extras = todo.pop()
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            envs = [{"extra": e} for e in extras] or [{"extra": ""}]
+            if req.marker is not None and not any(req.marker.evaluate(env) for env in envs):
+                continue
+            key = canonicalize_name(req.name)
+            if key not in found:
+                found[key] = req.name
+                todo.append((req.name, frozenset(req.extras)))
+    return found
+
+
+def test_every_package_the_image_installs_is_pinned() -> None:
+    """constraints.txt pins the whole runtime set, so a new dependency cannot float in the image."""
+    from packaging.utils import canonicalize_name
+
+    pinned = {
+        canonicalize_name(line.split("==")[0])
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    needed = _runtime_requirements()
+    assert {"aiohttp", "tqdm", "aetcd", "aiobotocore", "python-pkcs11"} <= set(needed)
+    assert sorted(set(needed) - pinned) == []
