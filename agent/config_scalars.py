@@ -121,30 +121,17 @@ def read_secret_ref(ref: str, *, base_dir: Path | None = None) -> bytes:
         raise ConfigError(f"cannot read {ref!r}: {exc.strerror}") from None
 
 
-def _default_runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/run/secrets-agent")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "secrets-agent"
-    return Path(f"/tmp/secrets-agent-{os.getuid()}")  # noqa: S108 - private dir, checked at bind
-
-
 def default_socket_path() -> Path:
     """``/run/secrets-agent/agent.sock`` for root, else ``$XDG_RUNTIME_DIR/secrets-agent/``,
     else ``~/.cache/secrets-agent/`` (never a predictable path under /tmp that
     another user could create first; the agent checks the directory at bind)."""
-    if os.geteuid() != 0 and not os.environ.get("XDG_RUNTIME_DIR"):
-        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(cache) / "secrets-agent" / "agent.sock"
-    return _default_runtime_dir() / "agent.sock"
-
-
-def default_render_dir() -> Path:
-    """Where rendered files go by default: a tmpfs under the runtime directory."""
     if os.geteuid() == 0:
-        return Path("/run/secrets-agent/secrets")
-    return _default_runtime_dir()
+        return Path("/run/secrets-agent/agent.sock")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "secrets-agent" / "agent.sock"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "secrets-agent" / "agent.sock"
 
 
 def split_host_port(value: str) -> tuple[str, int]:
