@@ -6,10 +6,12 @@
 #
 # The agent runs as uid 10001 on a read-only root. It reads
 # /etc/secrets-agent/agent.yaml (mount it read-only), serves the socket and
-# renders files under /run/secrets-agent (a tmpfs, or in Kubernetes an
-# emptyDir with medium: Memory shared with the app), and writes its audit log
-# to stdout (`audit.path: "-"`, what `secrets-agent init` writes). Nothing
-# else is written. /var/lib/secrets-agent (owned by the agent) is where a
+# renders files under /run/secrets-agent (a tmpfs owned by uid 10001, as
+# above), and writes its audit log to stdout (`audit.path: "-"`, what
+# `secrets-agent init` writes). Nothing else is written. In Kubernetes that
+# directory is an emptyDir (mode 0777) shared with the app: the config then
+# puts the socket in a subdirectory the agent creates and sets
+# `listen.shared_volume: true` (examples/kubernetes/deployment.yaml). /var/lib/secrets-agent (owned by the agent) is where a
 # volume for a keyring or file store that the agent writes goes; a new named
 # volume mounted there inherits that ownership. examples/kubernetes/ has
 # complete manifests.
