@@ -28,6 +28,7 @@ pytestmark = pytest.mark.root
 
 UID = 10001
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -208,3 +209,115 @@ def test_an_unreadable_keyring_is_named_with_owner_mode_and_fix(image_like: Layo
     assert proc.returncode != 0
     assert f"{conf / 'keyring.json'} (owner root uid 0, mode 0600)" in proc.stderr
     assert f"read it. Fix: chown {UID}:{UID} {conf / 'keyring.json'}" in proc.stderr
+
+
+APP = """
+import json, socket, sys, http.client
+sock_path, file_path, name = sys.argv[1:4]
+class Conn(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(sock_path)
+value = open(file_path).read()
+c = Conn("localhost"); c.request("GET", "/v1/secrets/" + name)
+print(len(value), json.load(c.getresponse())["value"] == value)
+"""
+
+
+def test_the_kubernetes_sidecar_layout_as_uid_10001_with_the_pods_fs_group() -> None:
+    """examples/kubernetes/deployment.yaml's config on emptyDirs as a kubelet makes them.
+
+    emptyDirs are root-owned, mode 0777, setgid to the pod's fsGroup (10002);
+    the agent runs as 10001 with 10002 as a supplementary group, the app as
+    10002. Only the store and key provider are swapped for a directory and a
+    keyring (no etcd or KMS in this test), and the paths moved under a temp dir.
+    """
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as uid 10001")
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no system python for the app's uid")
+    docs = yaml.safe_load_all((ROOT / "examples" / "kubernetes" / "deployment.yaml").read_text())
+    config_map = next(d for d in docs if d and d["kind"] == "ConfigMap")
+    cfg = yaml.safe_load(config_map["data"]["agent.yaml"])
+    pod = Path(tempfile.mkdtemp(prefix="sa-pod-", dir="/dev/shm"))
+    state = Path(tempfile.mkdtemp(prefix="sa-pod-state-"))
+    agent = None
+    try:
+        os.chmod(pod, 0o755)
+        for volume in ("run/secrets-agent", "run/secrets"):
+            (pod / volume).mkdir(parents=True)
+            os.chown(pod / volume, 0, 10002)
+            os.chmod(pod / volume, 0o2777)
+            os.chmod((pod / volume).parent, 0o755)
+        assert main(["init", "--dir", str(state)]) == 0
+        (state / "agent.yaml").unlink()
+        cfg["keys"] = {"local": {"type": "local", "keyring": str(state / "keyring.json")}}
+        cfg["write_keys"] = ["local"]
+        cfg["store"] = {"type": "file", "path": str(state / "store")}
+        cfg["metrics"] = {"listen": None}
+        cfg["listen"]["socket"] = f"{pod}{cfg['listen']['socket']}"
+        for t in cfg["templates"]:
+            t["destination"] = f"{pod}{t['destination']}"
+        cfg["render"]["shared_volumes"] = [f"{pod}{v}" for v in cfg["render"]["shared_volumes"]]
+        path = state / "agent.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["-c", str(path), "put", "--value", "pod-value", "app/db-password"]) == 0
+        for p in [state / "keyring.json", state / "store", *(state / "store").rglob("*")]:
+            os.chown(p, UID, UID)
+        os.chmod(state, 0o755)
+        os.chmod(path, 0o644)
+        env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": "/nonexistent", "XDG_RUNTIME_DIR": "/run"}
+        env["SECRETS_AGENT_CONFIG"] = str(path)
+        as_agent = ["setpriv", f"--reuid={UID}", f"--regid={UID}", "--groups=10002", "--"]
+        agent = subprocess.Popen(
+            [*as_agent, "secrets-agent", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            start_new_session=True,
+        )
+        ready = subprocess.run(
+            [*as_agent, "secrets-agent", "health", "--ready", "--wait", "60s"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            cwd="/",
+        )
+        assert ready.returncode == 0, (ready.stderr, agent.poll())
+        as_app = ["setpriv", "--reuid=10002", "--regid=10002", "--groups=10002", "--"]
+        socket_path, file_path = cfg["listen"]["socket"], cfg["templates"][0]["destination"]
+        app = subprocess.run(
+            [*as_app, python, "-c", APP, socket_path, file_path, "app/db-password"],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert app.returncode == 0, app.stderr
+        assert app.stdout.split() == ["9", "True"]
+        status = subprocess.run(
+            [*as_agent, "secrets-agent", "status"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        assert status.returncode == 0 and "app/db-password" in status.stdout, status.stderr
+        sock_dir = Path(cfg["listen"]["socket"]).parent
+        st = sock_dir.stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (UID, 0o711)
+    finally:
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.communicate()
+        shutil.rmtree(pod, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
