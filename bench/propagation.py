@@ -57,14 +57,14 @@ async def run_mode(
     rotations: int,
     poll_interval: str,
     store: dict[str, Any] | None,
-    render_root: Path,
+    render_root: Path | None,
 ) -> dict[str, Any]:
     from agent.config import load_config
     from agent.core import Core
 
     with tempfile.TemporaryDirectory(prefix="sa-bench-") as tmp:
         directory = Path(tmp)
-        dest = render_root / f"{uuid.uuid4().hex[:8]}-value" if render_root else None
+        dest = render_root / f"{uuid.uuid4().hex[:8]}-value" if render_root is not None else None
         overrides: dict[str, Any] = {
             "refresh": {"watch": push, "interval": poll_interval, "jitter": 0.1},
             "secrets": [NAME],
@@ -165,6 +165,7 @@ async def run_rotation_mode(
         socket_lat: list[float] = []
         file_lat: list[float] = []
         seen: set[str] = set()
+        no_audit = file_missed = 0
         async with (
             AgentProcess(cfg_b, load_config(cfg_b).listen.socket) as agent_b,
             AgentProcess(cfg_a, load_config(cfg_a).listen.socket),
@@ -180,7 +181,7 @@ async def run_rotation_mode(
                     continue
                 seen.add(version)
                 value = str(doc["value"]).encode()
-                t_file = t_sock
+                t_file: float | None = None
                 while dest is not None and time.time() < t_sock + TIMEOUT:
                     try:
                         if dest.read_bytes() == value:
@@ -194,9 +195,13 @@ async def run_rotation_mode(
                     await asyncio.sleep(0.05)
                     committed = _rotated_at(audit_a, version)
                 if committed is None:
-                    continue  # rotated before the audit line was readable: skip
+                    no_audit += 1  # no 'rotated' record found for it: not timed
+                    continue
                 socket_lat.append(max(0.0, t_sock - committed))
-                file_lat.append(max(0.0, t_file - committed))
+                if t_file is not None:
+                    file_lat.append(max(0.0, t_file - committed))
+                elif dest is not None:
+                    file_missed += 1  # never rendered within TIMEOUT: a miss, not a time
             failures = await agent_b.metric("secrets_agent_refreshes_total", outcome="error")
         if not socket_lat:
             raise RuntimeError("no rotation observed; is agent A rotating? see its agent.log")
@@ -207,6 +212,8 @@ async def run_rotation_mode(
             "file": file_lat if dest is not None else [],
             "rotations": len(socket_lat),
             "refresh_errors": failures,
+            "untimed": no_audit,
+            "file_missed": file_missed,
         }
 
 
@@ -266,7 +273,11 @@ async def main() -> int:
         print(summary(f"rotation in A ({args.store}) -> B socket", result["socket"]))
         if result["file"]:
             print(summary(f"rotation in A ({args.store}) -> B file", result["file"]))
-        print(f"agent B refresh errors: {result['refresh_errors']:.0f}")
+        print(
+            f"agent B refresh errors: {result['refresh_errors']:.0f}; rotations seen but not "
+            f"timed (no audit record): {result['untimed']}; rendered file missed "
+            f"(not written within {TIMEOUT:g} s): {result['file_missed']}"
+        )
         return 0
     push = await run_mode(
         push=True,
