@@ -27,6 +27,7 @@ from agent.cache_entry import Entry as _Entry
 from agent.cache_entry import Lookup as Lookup
 from agent.cache_entry import restaged
 from agent.config import RefreshConfig
+from agent.deletion import SecretGone
 from agent.errors import (
     AgentError,
     BackendUnavailable,
@@ -392,6 +393,10 @@ class SecretCache:
 
     def _missing(self, entry: _Entry, exc: SecretNotFound) -> bool:
         now = self.clock()
+        if isinstance(exc, SecretGone):
+            # Deleted by a proven stage move (``secrets-agent delete``), not merely
+            # missing: no grace period.
+            entry.missing_since = now - self.settings.delete_grace
         if entry.missing_since is None:
             entry.missing_since = now
             log.warning(

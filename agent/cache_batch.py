@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from agent.cache_entry import CURRENT_ONLY, Entry, restaged
+from agent.deletion import is_deleted
 from agent.errors import AgentError
 from agent.stores.base import BatchReadableStore, StageState, StoredVersion
 from agent.types import Secret, stages_of
@@ -57,6 +58,8 @@ async def refresh_batch(cache: SecretCache, names: Sequence[str], *, trigger: st
             entry.missing_since = None
             cache._confirmed(entry)
             unchanged += 1
+        elif is_deleted(state.stages):
+            left.append(name)  # refresh() reads it as deleted, with the grace period
         else:
             if guard is not None and state.revision != "":
                 key_version = guard.proof_key_version(state)

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, open_envelope, parse
+from agent.deletion import deletion_of, not_found
 from agent.errors import (
     BackendUnavailable,
     DecryptionError,
@@ -64,11 +65,15 @@ class Resolver:
 
         Raises:
             StageMapRefused: refused, and none is in service yet.
+            SecretNotFound: no such secret, or it is deleted (:mod:`agent.deletion`).
         """
         state = await self.store.read_stages(name)
-        if self.guard is None:
-            return state
-        return await self.guard.check(name, state)
+        if self.guard is not None:
+            state = await self.guard.check(name, state)
+        deletion = deletion_of(state.stages)
+        if deletion is not None:
+            raise not_found(name, deletion)
+        return state
 
     async def fetch(self, name: str, version_id: str, *, stages: tuple[str, ...] = ()) -> Secret:
         """Read one version from the store and decrypt it.

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from agent.crypto import stageproof
 from agent.crypto.datakeys import DataKeys
 from agent.crypto.envelope import EnvelopeContext, dumps, parse, seal
+from agent.deletion import check_label, deletion_of, refuse_deleted
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -66,9 +67,11 @@ def promoted(current: Mapping[str, str], stage: str, version_id: str) -> dict[st
     """The stage map after moving ``stage`` to ``version_id``.
 
     Moving CURRENT also moves PREVIOUS to the old CURRENT, as Secrets Manager
-    does. A label sits on at most one version, which a map guarantees.
+    does. A label sits on at most one version, which a map guarantees. A
+    purged secret's map (its tombstone) is replaced: the name starts afresh.
     """
-    new = dict(current)
+    deletion = deletion_of(current)
+    new = {} if deletion is not None and deletion.purged else dict(current)
     old = new.get(stage)
     new[stage] = version_id
     if stage == CURRENT and old is not None and old != version_id:
@@ -232,9 +235,10 @@ class SecretWriter:
                 but not staged (run ``promote`` to stage it).
             StageMapRefused: ``stage`` is not CURRENT and the map in the store
                 has no valid proof (nothing was written).
+            SecretDeleted: the secret is scheduled for deletion (nothing written).
         """
         validate_name(name)
-        stage = normalize_stage(stage)
+        stage = check_label(normalize_stage(stage))
         if validate_json:
             try:
                 json.loads(value)
@@ -245,6 +249,7 @@ class SecretWriter:
         base = await self._trust(name, await self._state(name))
         if base.refused is not None and stage != CURRENT:
             raise self._refuse(name, base)
+        refuse_deleted(name, base.stages)
         await self.store.write_version(name, version_id, envelope)
         try:
             new = await self._move(
@@ -306,6 +311,7 @@ class SecretWriter:
             i, name, vid, _, dek = item
             try:
                 base = await self._trust(name, state)
+                refuse_deleted(name, base.stages)  # (its version stays unstaged: pruned later)
             except AgentError as exc:
                 results[i] = exc
                 continue
@@ -338,11 +344,12 @@ class SecretWriter:
             StageMapRefused: ``stage`` is not CURRENT and the map has no valid proof.
         """
         validate_name(name)
-        stage = normalize_stage(stage)
+        stage = check_label(normalize_stage(stage))
         validate_version_id(version_id)
         base = await self._trust(name, await self._state(name))
         if base.refused is not None and stage != CURRENT:
             raise self._refuse(name, base)
+        refuse_deleted(name, base.stages)
         versions = {v for v, _ in await self.store.list_versions(name)}
         if version_id not in versions:
             raise VersionNotFound(f"secret {name!r} has no version {version_id!r}")
@@ -357,7 +364,12 @@ class SecretWriter:
         )
 
     async def apply_stages(
-        self, name: str, stages: Mapping[str, str], *, expected_revision: str
+        self,
+        name: str,
+        stages: Mapping[str, str],
+        *,
+        expected_revision: str,
+        lifecycle: bool = False,
     ) -> StageState:
         """Replace the whole stage map of ``name`` in one compare-and-swap.
 
@@ -375,6 +387,8 @@ class SecretWriter:
             DecryptionError: the key version's envelope cannot be opened.
             StageMapRefused: the map in the store has no valid proof, so
                 ``stages`` (computed from it) is not moved on top of it.
+            SecretDeleted: the secret is scheduled for deletion (only
+                ``lifecycle`` moves, :mod:`agent.deletion`'s, may change it).
         """
         state = await self._state(name)
         if state.revision != expected_revision:
@@ -385,6 +399,8 @@ class SecretWriter:
         base = await self._trust(name, state)
         if base.refused is not None:
             raise self._refuse(name, base)
+        if not lifecycle:
+            refuse_deleted(name, base.stages)
         if not stages:
             return await self.store.set_stages(name, stages, expected_revision=expected_revision)
         key_version = stages.get(CURRENT) or stages[min(stages)]

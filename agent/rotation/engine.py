@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.audit import Auditor, NullAudit
+from agent.deletion import deletion_of, not_found
 from agent.errors import AgentError, BackendUnavailable, Conflict, NotFound, SecretNotFound
 from agent.metrics import Metrics
 from agent.resolver import Resolver
@@ -124,6 +125,9 @@ class RotationEngine:
         """Where :meth:`rotate` would start, without calling the rotator or writing."""
         validate_name(name)
         state = await self._stages(name)
+        deletion = deletion_of(state.stages)
+        if deletion is not None:
+            raise not_found(name, deletion)
         token, resumed = self._token(state, token)
         cur, pending = state.version_for(CURRENT), state.version_for(PENDING)
         if pending is None and cur == token:
@@ -153,10 +157,14 @@ class RotationEngine:
                 attempt resumes from that step.
             BackendUnavailable: the store, a key provider or the target was
                 unreachable (transient: retry with backoff).
+            SecretNotFound: the secret is deleted (scheduled or purged).
         """
         validate_name(name)
         params = dict(params or {})
         state = await self._stages(name)
+        deletion = deletion_of(state.stages)
+        if deletion is not None:
+            raise not_found(name, deletion)  # a deleted secret is not rotated back to life
         token, resumed = self._token(state, token)
         if resumed:
             log.info("rotation of %s: resuming PENDING version %s", name, token)

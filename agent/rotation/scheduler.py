@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import RotationConfig
+from agent.deletion import is_deleted
 from agent.errors import AgentError, BackendUnavailable
 from agent.metrics import Metrics
 from agent.registry import load_backend
@@ -73,6 +74,8 @@ async def check_due(
     now = time.time() if now is None else now
     slot: Slot = schedule.slot_at(now)
     state = await store.read_stages(name)
+    if is_deleted(state.stages):
+        return Due(False, None, slot.end, "the secret is deleted")
     if state.version_for(PENDING) is not None:
         return Due(True, state.version_for(PENDING), now, "a PENDING rotation to resume")
     cur = state.version_for(CURRENT)

@@ -75,7 +75,11 @@ class SecretsManagerStore:
     """A WritableStore over AWS Secrets Manager (polling only)."""
 
     #: Contract behaviours this store cannot offer (see tests/stores/test_contract.py).
-    lacks = frozenset({"mutable_envelopes", "fine_timestamps", "label_cas", "version_delete"})
+    #: ``stage_deletion``: AWSCURRENT must always label a version, so the stage map
+    #: of a deleted secret (agent.deletion) cannot be written; AWS deletes natively.
+    lacks = frozenset(
+        {"mutable_envelopes", "fine_timestamps", "label_cas", "version_delete", "stage_deletion"}
+    )
 
     def __init__(
         self,
