@@ -1,13 +1,17 @@
-"""``secrets-agent prune``: apply the retention policy to stored versions."""
+"""The secret lifecycle: ``prune`` (retention, and purging deleted secrets after their
+recovery window), ``delete NAME`` with a recovery window, and ``restore NAME``."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
-from agent.commands.common import EXIT_OK, err, load, run_async, with_core
+from agent import deletion
+from agent.commands.common import EXIT_OK, EXIT_USAGE, err, load, run_async, with_core
+from agent.config_scalars import parse_duration
 from agent.core import Core
-from agent.errors import NotFound
+from agent.errors import BadRequest, NotFound
 from agent.retention import RetentionPolicy, prune
 from agent.types import utcnow, validate_name
 
@@ -28,29 +32,88 @@ def cmd_prune(args: argparse.Namespace) -> int:
         retention.max_age,
     )
 
-    async def go(core: Core) -> dict[str, list[str]]:
+    async def go(core: Core) -> tuple[dict[str, list[str]], dict[str, int]]:
         done: dict[str, list[str]] = {}
+        purged: dict[str, int] = {}
+        now = time.time()
         for name in names or await core.store.list_names():
             try:
+                state = await core.store.read_stages(name)
+                if deletion.purge_due(state.stages, now):
+                    # The recovery window has ended: every version goes, for good.
+                    purged[name] = -1 if args.dry_run else await deletion.purge(core.writer(), name)
+                    continue
                 done[name] = await prune(
                     core.store, name, policy, now=utcnow(), dry_run=args.dry_run
                 )
             except NotFound:
                 err(f"prune: secret {name!r} does not exist")
-        return done
+        return done, purged
 
-    done = run_async(with_core(config, go))
+    done, purged = run_async(with_core(config, go))
     verb = "would prune" if args.dry_run else "pruned"
     for name, ids in done.items():
         if ids:
             print(f"{name}: {verb} {len(ids)} version(s): {' '.join(ids)}")
+    for name, count in purged.items():
+        if args.dry_run:
+            print(f"{name}: would purge (its recovery window has ended)")
+        else:
+            print(f"{name}: purged, {count} version(s) deleted for good")
     total = sum(len(ids) for ids in done.values())
     print(f"{verb} {total} version(s) of {len(done)} secret(s)")
     return EXIT_OK
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    """Schedule a secret for deletion after a recovery window (or purge it now)."""
+    config = load(args)
+    name = validate_name(args.name)
+    if args.force_delete_without_recovery and args.recovery_window is not None:
+        err("delete: --recovery-window and --force-delete-without-recovery exclude each other")
+        return EXIT_USAGE
+    window = deletion.DEFAULT_WINDOW
+    if args.recovery_window is not None:
+        try:
+            window = parse_duration(args.recovery_window)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"--recovery-window: {exc}") from None
+        if window < 1:
+            raise BadRequest("--recovery-window: 1s or more (or --force-delete-without-recovery)")
+
+    async def go(core: Core) -> float | int:
+        writer = core.writer()
+        if args.force_delete_without_recovery:
+            await core.store.read_stages(name)  # SecretNotFound for a missing secret
+            return await deletion.purge(writer, name)
+        return await deletion.delete(writer, name, window=window)
+
+    result = run_async(with_core(config, go))
+    if args.force_delete_without_recovery:
+        print(f"{name}: deleted for good, {result} version(s) removed; no recovery")
+    else:
+        print(
+            f"{name}: scheduled for deletion; 'secrets-agent restore {name}' until "
+            f"{deletion.iso(result)}, then 'secrets-agent prune' purges it"
+        )
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Cancel the deletion of a secret within its recovery window."""
+    config = load(args)
+    name = validate_name(args.name)
+
+    async def go(core: Core) -> dict[str, str]:
+        return dict((await deletion.restore(core.writer(), name)).stages)
+
+    stages = run_async(with_core(config, go))
+    print(f"{name}: restored: " + " ".join(f"{s}={v}" for s, v in sorted(stages.items())))
+    return EXIT_OK
+
+
 def register(sub: Any) -> None:
-    """Add ``prune`` to the CLI."""
+    """Add ``prune``, ``delete`` and ``restore`` to the CLI."""
     p = sub.add_parser(
         "prune",
         help="delete old unstaged versions (retention)",
@@ -65,3 +128,30 @@ def register(sub: Any) -> None:
     p.add_argument("--keep", type=int, help="unstaged versions to keep (overrides the config)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "delete",
+        help="schedule a secret for deletion (restore it within the recovery window)",
+        description=(
+            "Schedule a secret for deletion, as Secrets Manager's DeleteSecret does: get "
+            "and running agents treat it as gone at once, writes and rotation are refused, "
+            "'restore' puts it back until the recovery window ends, and after that 'prune' "
+            "removes every version for good."
+        ),
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--recovery-window",
+        metavar="DURATION",
+        help="how long it can be restored (default 30d; e.g. 7d, 12h)",
+    )
+    p.add_argument(
+        "--force-delete-without-recovery",
+        action="store_true",
+        help="delete every version now, for good (no restore)",
+    )
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("restore", help="cancel a scheduled deletion (within the recovery window)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_restore)

@@ -13,6 +13,7 @@ import yaml
 
 from agent.commands.common import EXIT_OK, Progress, err, load, run_async, with_core
 from agent.core import Core
+from agent.deletion import deletion_of, iso, not_found
 from agent.errors import BadRequest, SecretNotFound
 from agent.types import (
     CURRENT,
@@ -171,6 +172,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         version = args.version
         if version is None:
             state = await core.store.read_stages(args.name)
+            gone = deletion_of(state.stages)
+            if gone is not None:
+                raise not_found(args.name, gone)
             version = state.stages.get(stage)
             if version is None:
                 raise SecretNotFound(f"secret {args.name!r} has no version at stage {stage!r}")
@@ -195,7 +199,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         out = []
         for name in await core.store.list_names():
             state = await core.store.read_stages(name)
-            out.append({"name": name, "stages": dict(state.stages)})
+            gone = deletion_of(state.stages)
+            if gone is not None and gone.purged:
+                continue  # deleted for good: only a tombstone is left
+            row: dict[str, Any] = {"name": name, "stages": dict(state.stages)}
+            if gone is not None:
+                row["deleted_until"] = iso(gone.until) if gone.until is not None else None
+            out.append(row)
         return out
 
     rows = run_async(with_core(config, go))
@@ -203,7 +213,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for row in rows:
-            print(f"{row['name']}\t{row['stages'].get(CURRENT, '-')}")
+            note = ""
+            if "deleted_until" in row:
+                note = f"\tscheduled for deletion until {row['deleted_until']}"
+            print(f"{row['name']}\t{row['stages'].get(CURRENT, '-')}{note}")
     return EXIT_OK
 
 
@@ -216,9 +229,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
         state = await core.store.read_stages(args.name)
         versions = await core.store.list_versions(args.name)
+        gone = deletion_of(state.stages)
         return {
             "name": args.name,
             "store": core.store.store_id,
+            "deletion": None
+            if gone is None
+            else {
+                "purged": gone.purged,
+                "recoverable_until": iso(gone.until) if gone.until is not None else None,
+            },
             "stages": dict(state.stages),
             "versions": [
                 {
@@ -236,6 +256,13 @@ def cmd_describe(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(f"{doc['name']} (store {doc['store']})")
+        gone = doc["deletion"]
+        if gone is not None:
+            print(
+                "  deleted for good (purged)"
+                if gone["purged"]
+                else f"  scheduled for deletion: restore it until {gone['recoverable_until']}"
+            )
         for v in doc["versions"]:
             print(f"  {v['version_id']}  {v['created_at']}  {' '.join(v['stages'])}")
         if doc["rotation"] is not None:
