@@ -139,7 +139,7 @@ def register(sub: Any) -> None:
             "removes every version for good."
         ),
     )
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the secret's name")
     p.add_argument(
         "--recovery-window",
         metavar="DURATION",
@@ -152,6 +152,13 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_delete)
 
-    p = sub.add_parser("restore", help="cancel a scheduled deletion (within the recovery window)")
-    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser(
+        "restore",
+        help="cancel a scheduled deletion (within the recovery window)",
+        description=(
+            "Cancel the scheduled deletion of a secret: every stage goes back to the "
+            "version it was on. Refused once the recovery window has ended."
+        ),
+    )
+    p.add_argument("name", metavar="NAME", help="the secret's name")
     p.set_defaults(func=cmd_restore)
