@@ -180,6 +180,7 @@ def print_rotation_state(doc: dict[str, Any]) -> None:
     flag = " (FAILING)" if agent.get("failing") else ""
     print(f"    failures in a row: {agent.get('failures_in_a_row', 0)}{flag}")
     print(f"    last success: {agent.get('last_success') or '-'}")
+    print(f"    next check by the agent: {agent.get('next_at') or '-'}")
 
 
 def register(sub: Any) -> None:

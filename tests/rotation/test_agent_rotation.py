@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -140,12 +141,25 @@ async def test_a_failing_rotation_keeps_current_is_flagged_and_recovers(env: Age
         assert entry["failed_step"] == "set" and entry["failures_in_a_row"] >= 2
         assert entry["pending_version"] and "status 1" in entry["last_error"]
         assert await agent.value("app/key") == b"initial"
+        # The failure series: failed steps and attempts counted, failures in a row,
+        # and the next time is the retry after backoff (well before the 1h slot ends).
+        metric = agent.daemon.metrics.registry.get_sample_value
+        label = {"secret": "app/key"}
+        assert (metric("secrets_agent_rotation_failures_in_a_row", label) or 0) >= 2
+        assert (metric("secrets_agent_rotations_total", {**label, "outcome": "failed"}) or 0) >= 2
+        failed_set = {**label, "step": "set", "outcome": "failed"}
+        assert (metric("secrets_agent_rotation_steps_total", failed_set) or 0) >= 2
+        retry_at = metric("secrets_agent_rotation_next_timestamp_seconds", label) or 0
+        assert time.time() - 5 < retry_at < time.time() + 1800
         # describe shows the running agent's view of the rotation.
         code, out, _ = await asyncio.to_thread(env.cli, "describe", "app/key", "--json")
         rot = json.loads(out)["rotation"]
         assert code == 0 and rot["pending_version"] == entry["pending_version"]
         assert rot["agent"]["failing"] is True and rot["agent"]["failed_step"] == "set"
         assert rot["agent"]["failures_in_a_row"] >= 2
+        code, text, _ = await asyncio.to_thread(env.cli, "describe", "app/key")
+        assert code == 0 and "last result: failed at step set" in text
+        assert "(FAILING)" in text and "next check by the agent: 20" in text
         fail.unlink()
 
         async def recovered() -> bool:
@@ -156,6 +170,12 @@ async def test_a_failing_rotation_keeps_current_is_flagged_and_recovers(env: Age
         await until(lambda: _not_flagged(agent))
         entry = (await rotation_status(agent))["rotation"][0]
         assert entry["failures_in_a_row"] == 0 and entry["last_result"] == "rotated"
+        assert metric("secrets_agent_rotation_failures_in_a_row", label) == 0
+        # Rotated in this 1h slot: the next check is the next slot's start (or, had
+        # the hour turned meanwhile, the start of this one).
+        next_slot = (time.time() // 3600 + 1) * 3600
+        next_at = metric("secrets_agent_rotation_next_timestamp_seconds", label)
+        assert next_at in (next_slot, next_slot - 3600)
 
 
 async def _not_flagged(agent: RunningAgent) -> bool:
