@@ -63,6 +63,9 @@ def test_delete_hides_the_secret_refuses_writes_and_restore_puts_every_stage_bac
     assert env.cli("get", "app/pw", "--stage", "PREVIOUS") == (0, "one", "")
     code, _, err = env.cli("restore", "app/pw")
     assert code == 2 and "not scheduled for deletion" in err
+    events = [json.loads(line) for line in (env.dir / "audit.log").read_text().splitlines()]
+    mine = [(e["event"], e["secret"]) for e in events if e["event"].startswith("secret_")]
+    assert mine == [("secret_deleted", "app/pw"), ("secret_restored", "app/pw")]
 
 
 def test_after_the_window_restore_is_refused_and_prune_purges_every_version(
@@ -82,6 +85,8 @@ def test_after_the_window_restore_is_refused_and_prune_purges_every_version(
     assert len(describe(env, "app/old")["versions"]) == 2
     code, out, err = env.cli("prune", "--all")
     assert code == 0 and "app/old: purged, 2 version(s)" in out, err
+    audit = (env.dir / "audit.log").read_text()
+    assert '"event":"secret_purged"' in audit and "its recovery window had ended" in audit
     doc = describe(env, "app/old")
     assert doc["deletion"]["purged"] is True
     assert [v["stages"] for v in doc["versions"]] == [[PURGED]]  # only the tombstone

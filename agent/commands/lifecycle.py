@@ -9,6 +9,7 @@ from typing import Any
 
 from agent import deletion
 from agent.commands.common import EXIT_OK, EXIT_USAGE, err, load, run_async, with_core
+from agent.config import AgentConfig
 from agent.config_scalars import parse_duration
 from agent.core import Core
 from agent.errors import BadRequest, NotFound
@@ -51,6 +52,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return done, purged
 
     done, purged = run_async(with_core(config, go))
+    if not args.dry_run:
+        _audit(
+            config,
+            "secret_purged",
+            {n: f"{c} version(s); its recovery window had ended" for n, c in purged.items()},
+        )
     verb = "would prune" if args.dry_run else "pruned"
     for name, ids in done.items():
         if ids:
@@ -63,6 +70,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     total = sum(len(ids) for ids in done.values())
     print(f"{verb} {total} version(s) of {len(done)} secret(s)")
     return EXIT_OK
+
+
+def _audit(config: AgentConfig, event: str, names: dict[str, str]) -> None:
+    """One ``event`` record per secret name (with its reason): who deleted what, when."""
+    from agent.audit import AuditLog
+
+    if not names:
+        return
+    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir)
+    for name, reason in names.items():
+        audit.record(event, secret=name, outcome="ok", reason=reason)
+    run_async(audit.aclose())
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
@@ -90,8 +109,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     result = run_async(with_core(config, go))
     if args.force_delete_without_recovery:
+        _audit(config, "secret_purged", {name: f"{result} version(s); no recovery window"})
         print(f"{name}: deleted for good, {result} version(s) removed; no recovery")
     else:
+        _audit(config, "secret_deleted", {name: f"recoverable until {deletion.iso(result)}"})
         print(
             f"{name}: scheduled for deletion; 'secrets-agent restore {name}' until "
             f"{deletion.iso(result)}, then 'secrets-agent prune' purges it"
@@ -108,6 +129,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return dict((await deletion.restore(core.writer(), name)).stages)
 
     stages = run_async(with_core(config, go))
+    _audit(config, "secret_restored", {name: "restored within its recovery window"})
     print(f"{name}: restored: " + " ".join(f"{s}={v}" for s, v in sorted(stages.items())))
     return EXIT_OK
 
