@@ -87,6 +87,9 @@ def open_checked_dir(
     created and verified by the agent. ``path`` itself follows
     :func:`check_directory` with ``shared_ok``.
 
+    Symlinks on the way are followed only where no one else could have
+    made or changed them (:func:`safe_realpath`).
+
     Args:
         create_mode: create ``path`` with this mode if missing (its parent
             must exist); a directory the agent creates is owned by it.
@@ -99,7 +102,7 @@ def open_checked_dir(
         UnsafeDirectory: naming the offending path, its owner and mode, and the fix.
         FileNotFoundError: ``path`` or an ancestor does not exist.
     """
-    real = Path(os.path.realpath(path))
+    real = safe_realpath(path)
     parts = real.parts[1:]
     fd = os.open("/", os.O_PATH | _DIR_FLAGS)
     try:
@@ -122,6 +125,71 @@ def open_checked_dir(
     except BaseException:
         os.close(fd)
         raise
+
+
+_MAX_LINKS = 40  # as the kernel's limit on symlinks followed in one lookup
+
+
+def safe_realpath(path: Path | str) -> Path:
+    """``os.path.realpath(path)``, following only symlinks no one else controls.
+
+    A symlink is followed if the directory holding it belongs to the agent's
+    uid or root and either no one else may write in it, or it is sticky and
+    the link itself is the agent's or root's (others cannot replace it
+    there). ``/var/run -> ../run`` passes; a link another user planted in
+    ``/dev/shm`` or ``/tmp`` in place of a directory the agent would create
+    (so that root writes where they choose) is refused. Missing components
+    are kept as they are: they are created or reported later.
+
+    Raises:
+        UnsafeDirectory: naming the link, who owns it and the directory, and the fix.
+    """
+    pending = list(Path(os.path.join(os.getcwd(), path)).parts[1:])
+    current = Path("/")
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        candidate = current / part
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            current = candidate
+            continue
+        if not stat.S_ISLNK(st.st_mode):
+            current = candidate
+            continue
+        _check_link(candidate, st, current)
+        links += 1
+        if links > _MAX_LINKS:
+            raise UnsafeDirectory(f"{path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            current = Path("/")
+        pending = [p for p in Path(target).parts if p != "/"] + pending
+    return current
+
+
+def _check_link(link: Path, st: os.stat_result, directory: Path) -> None:
+    dir_st = os.stat(directory)
+    writable = dir_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    sticky = dir_st.st_mode & stat.S_ISVTX
+    if _trusted_owner(dir_st) and (not writable or (sticky and _trusted_owner(st))):
+        return
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = "?"
+    raise UnsafeDirectory(
+        f"{link} is a symlink (owner {user} uid {st.st_uid}) in {describe(directory, dir_st)}, "
+        "where another user could have made it or can change it: following it would let them "
+        "choose where the agent writes. Fix: name the real path in the config, or remove the "
+        f"symlink and let the agent create {link}"
+    )
 
 
 def _mkdir_at(dir_fd: int, name: str, mode: int) -> None:

@@ -39,6 +39,7 @@ from agent.fsowner import (
     describe,
     explain_denied,
     open_checked_dir,
+    safe_realpath,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "make_dirs",
     "open_checked_dir",
     "read_nofollow",
+    "safe_realpath",
     "sync_filesystem",
 ]
 

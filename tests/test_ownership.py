@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -148,6 +149,94 @@ def test_a_squatted_render_directory_is_refused_through_a_200_rotation_swap_race
     assert not any(name.endswith("password") for name in _all_files(shm))
     with pytest.raises(RenderError, match="owner nobody"):
         writer.check_destination(squat, allow_disk=False, allowed_dirs=[], directory=True)
+
+
+SQUATTER = """
+import os, sys, time
+dest, outside, stop = sys.argv[1:4]
+squats = 0
+deadline = time.monotonic() + 60
+while not os.path.exists(stop) and time.monotonic() < deadline:
+    try:
+        if squats % 2:
+            os.symlink(outside, dest)
+        else:
+            os.mkdir(dest, 0o777)
+        squats += 1
+    except OSError:
+        pass
+print(squats)
+"""
+
+
+def test_a_destination_squatted_while_the_agent_creates_it_is_refused_in_200_rotations(
+    shm: Path, tmp_path: Path, nobody_python: str
+) -> None:
+    """nobody races the agent for the ``files`` destination in a sticky directory.
+
+    Before each of 200 rotations the destination is removed, so the agent
+    must create it again while nobody keeps creating it first (its own 0777
+    directory, or a symlink to a root-owned directory). Whoever wins, the
+    agent either renders into a directory it created and owns, or refuses;
+    nothing is ever written outside.
+    """
+    dest = shm / "race"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    stop = shm / "stop"
+    squatter = _as_nobody(nobody_python, "-c", SQUATTER, str(dest), str(outside), str(stop))
+    rendered = refused = 0
+    try:
+        for i in range(ROTATIONS):
+            if dest.is_symlink() or dest.is_file():
+                dest.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(dest, ignore_errors=True)
+            value = f"pw-{i}".encode()
+            try:
+                writer.write_files(dest, {"password": value}, mode=0o400, owner=Owner())
+            except RenderError as exc:
+                assert "owner nobody" in exc.message or "symlink" in exc.message, exc.message
+                refused += 1
+                continue
+            st = os.lstat(dest)
+            assert (st.st_uid, stat.S_ISDIR(st.st_mode)) == (0, True)
+            assert (dest / "password").read_bytes() == value
+            rendered += 1
+    finally:
+        stop.touch()
+        out, err = squatter.communicate(timeout=60)
+    assert squatter.returncode == 0, err.decode()
+    squats = int(out)
+    assert squats > 0, "nobody never created the destination: no race happened"
+    assert rendered + refused == ROTATIONS
+    assert _all_files(outside) == []
+
+
+def test_a_symlink_planted_in_a_sticky_directory_is_not_followed(
+    shm: Path, tmp_path: Path, nobody_python: str
+) -> None:
+    """nobody plants ``<shm>/app -> <root-owned dir>`` where the config names
+    ``<shm>/app/...``: followed, root would write where nobody chose."""
+    target = shm / "rootdir"  # root-owned, 0755, on tmpfs: passes every check itself
+    target.mkdir(mode=0o755)
+    link = shm / "app"
+    proc = _as_nobody(nobody_python, "-c", f"import os; os.symlink({str(target)!r}, {str(link)!r})")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    with pytest.raises(RenderError, match=f"{link} is a symlink \\(owner nobody"):
+        writer.check_destination(link / "pw", allow_disk=False, allowed_dirs=[])
+    with pytest.raises(RenderError, match="let them choose where the agent writes"):
+        writer.write_file(link / "pw", b"pw", mode=0o400, owner=Owner())
+    with pytest.raises(ConfigError, match=f"{link} is a symlink"):
+        prepare_socket_path(link / "sock" / "agent.sock")
+    assert list(target.iterdir()) == []
+    # A root-owned symlink in a sticky directory, or any in a private one, is followed.
+    own = shm / "own"
+    own.symlink_to(target)
+    assert writer.write_file(own / "pw", b"pw", mode=0o400, owner=Owner())
+    assert (target / "pw").read_bytes() == b"pw"
+    assert fsutil.safe_realpath(tmp_path / ".." / tmp_path.name) == tmp_path
 
 
 def test_generation_swaps_never_redirect_a_write_in_200_rotations(
