@@ -324,6 +324,6 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("promote", help="move a stage to a version")
     p.add_argument("name", help="the secret's name")
-    p.add_argument("stage", help="CURRENT, PREVIOUS, PENDING or a custom label")
+    p.add_argument("stage", help="CURRENT, PREVIOUS, PENDING or a custom label (not DELETED.*)")
     p.add_argument("version", help="the version id to move it to (see describe)")
     p.set_defaults(func=cmd_promote)
