@@ -109,15 +109,17 @@ def render_json(secret: Secret, key: str | None) -> bytes:
 
 def _assignments(secret: Secret, fmt: str, quote: Callable[[Any], str]) -> bytes:
     lines = []
-    for name, value in _object(secret, fmt).items():
+    for i, (name, value) in enumerate(_object(secret, fmt).items(), 1):
+        # Keys are part of the value: an error names a key by its place only.
         if not _ENV_NAME.fullmatch(name):
             raise RenderError(
-                f"secret {secret.name!r}: key {name!r} is not a valid environment variable name"
+                f"secret {secret.name!r}: key number {i} of its JSON object is not a valid "
+                "environment variable name (a letter or _, then letters, digits or _)"
             )
         if "\x00" in _scalar_text(value):
             raise RenderError(
-                f"secret {secret.name!r}: key {name!r} holds a NUL character, which no "
-                "environment variable can"
+                f"secret {secret.name!r}: key number {i} of its JSON object holds a NUL "
+                "character, which no environment variable can"
             )
         lines.append(f"{name}={quote(value)}\n")
     return "".join(lines).encode()
@@ -140,9 +142,12 @@ def render_yaml(secret: Secret) -> bytes:
 
 def render_files(secret: Secret) -> dict[str, bytes]:
     files = {}
-    for name, value in _object(secret, "files").items():
+    for i, (name, value) in enumerate(_object(secret, "files").items(), 1):
         if not _FILE_NAME.fullmatch(name) or name == "." or name.startswith(".."):
-            raise RenderError(f"secret {secret.name!r}: key {name!r} is not a safe file name")
+            raise RenderError(
+                f"secret {secret.name!r}: key number {i} of its JSON object is not a safe "
+                "file name (letters, digits, _ . -; not . or starting with ..)"
+            )
         files[name] = _scalar_text(value).encode()
     return files
 

@@ -154,6 +154,15 @@ def test_a_slice_of_a_value_used_as_a_key_is_not_in_the_error() -> None:
     assert "undefined name, key or attribute, line 1" in message
 
 
+@pytest.mark.parametrize("fmt", ["dotenv", "shell", "files"])
+def test_a_key_unfit_for_the_format_is_named_by_place_not_by_text(fmt: str) -> None:
+    """JSON keys are part of the value: the error gives the key's place only."""
+    with pytest.raises(RenderError) as info:
+        _render('{"ok": "1", "s3cr3t/k3y-n4me=": "x"}', format=fmt)
+    assert "key number 2 of its JSON object" in info.value.message
+    assert "s3cr3t" not in info.value.message
+
+
 def test_a_value_that_overlaps_the_wording_or_a_name_does_not_garble_the_error() -> None:
     """Values "app" and "...secrets..." once turned the error into
     ``template over se<redacted>s '<redacted>/q'``: the secret's name was lost."""

@@ -123,5 +123,5 @@ def test_a_bad_dotenv_line_is_an_error_naming_the_line(
 
 def test_a_nul_character_is_refused_in_env_formats() -> None:
     for fmt in ("dotenv", "shell"):
-        with pytest.raises(RenderError, match="key 'K' holds a NUL character"):
+        with pytest.raises(RenderError, match="key number 1 of its JSON object holds a NUL"):
             _render(fmt, {"K": "a\x00b"})
