@@ -15,6 +15,7 @@ that version alone; every other move is refused.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -109,6 +110,9 @@ class SecretWriter:
         self.retention = retention
         #: Build on maps without proof as they stand (``store.accept_unproven_stages``).
         self.accept_unproven = accept_unproven
+        #: Seconds to wait before a second look at an unproven map on a store
+        #: whose label moves are not atomic (AWS).
+        self.settle = 1.0
 
     async def _trust(self, name: str, state: StageState) -> _Base:
         """Check ``state``'s proof before a move is built on it (see the module docstring)."""
@@ -118,15 +122,24 @@ class SecretWriter:
             return _Base(state, dict(state.stages), 0)
         try:
             proof = await verify_map(self.store, self.datakeys, name, state)
-        except KeyVersionGone as exc:
-            if (await self._state(name)).revision != state.revision:
-                raise Conflict(
-                    f"stage map of secret {name!r} changed while its proof was checked"
-                ) from None
-            return _Base(state, {}, 0, exc)
         except StageMapRefused as exc:
+            moving = isinstance(exc, KeyVersionGone) or not self._atomic
+            if moving:
+                # Another writer's move may be under way: the key version pruned
+                # after it, or (AWS) its labels moved one call at a time with the
+                # proof following. Look again before treating the map as edited.
+                if not self._atomic:
+                    await asyncio.sleep(self.settle)
+                if (await self._state(name)).revision != state.revision:
+                    raise Conflict(
+                        f"stage map of secret {name!r} changed while its proof was checked"
+                    ) from None
             return _Base(state, {}, 0, exc)
         return _Base(state, dict(state.stages), proof.sequence)
+
+    @property
+    def _atomic(self) -> bool:
+        return bool(getattr(self.store, "stage_moves_atomic", True))
 
     def _refuse(self, name: str, base: _Base) -> AgentError:
         """The error for a move other than CURRENT on top of an untrusted map."""
@@ -136,10 +149,6 @@ class SecretWriter:
             f"`secrets-agent describe {name}`; `secrets-agent promote {name} CURRENT <id>` "
             "writes a new proven map with that version alone"
         )
-        if not getattr(self.store, "stage_moves_atomic", True):
-            # Labels move one call at a time there: this may be another writer's move
-            # caught half-way (its proof follows), so it is worth a retry.
-            return Conflict(message)
         return StageMapRefused(message)
 
     async def seal(self, name: str, version_id: str, value: bytes, value_type: ValueType) -> bytes:

@@ -329,6 +329,41 @@ async def test_a_move_built_on_a_replayed_map_is_refused(core: Core) -> None:
         await writer.promote("db", "CURRENT", "no-such-version")
 
 
+async def test_on_a_store_with_non_atomic_label_moves_an_unproven_map_is_looked_at_twice(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS moves labels one call at a time, the proof following: a writer that
+    sees a map without valid proof waits and reads it again. Moved meanwhile:
+    Conflict (another writer's move, retry). Unchanged: an edited map, as anywhere."""
+    monkeypatch.setattr(core.store, "stage_moves_atomic", False, raising=False)
+    writer = core.writer()
+    v1 = (await writer.put("db", b"one")).version_id
+    v2 = (await writer.put("db", b"two")).version_id
+    state = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", {"CURRENT": v1, "PREVIOUS": v2}, expected_revision=state.revision, proof=state.proof
+    )
+    writer.settle = 0.3
+    other = core.writer()
+    other.settle = 0.0
+
+    async def move_meanwhile() -> None:
+        await asyncio.sleep(0.05)
+        await other.promote("db", "CURRENT", v2)
+
+    with pytest.raises(Conflict, match="changed while its proof was checked"):
+        await asyncio.gather(writer.put("db", b"pending", stage="PENDING"), move_meanwhile())
+    assert (await core.store.read_stages("db")).stages == {"CURRENT": v2}
+
+    state = await core.store.read_stages("db")
+    await core.store.set_stages(
+        "db", {"CURRENT": v1}, expected_revision=state.revision, proof=state.proof
+    )
+    writer.settle = 0.01
+    with pytest.raises(StageMapRefused, match="refusing to move stages on top of it"):
+        await writer.put("db", b"pending", stage="PENDING")
+
+
 async def test_a_map_whose_key_version_was_pruned_after_a_move_is_no_false_alarm(
     core: Core,
 ) -> None:
