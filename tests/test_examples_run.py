@@ -1,4 +1,4 @@
-"""The compose services' and the systemd unit's commands, run on this machine.
+"""The compose services', the systemd unit's and the app examples' commands, run on this machine.
 
 No Docker and no systemd here: each service's command runs from the venv,
 with its config as shipped and only the paths moved (container or system
@@ -8,6 +8,8 @@ and the metrics port at a free loopback port.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shlex
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from asyncio.subprocess import PIPE
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.agentenv import AgentEnv
 from tests.servers import EtcdServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -246,3 +250,22 @@ def test_systemd_units_commands_run_here_with_its_config(shm: Path) -> None:
     audit = (shm / "log" / "secrets-agent" / "audit.log").read_text()
     assert '"key_created"' in audit and '"rendered"' in audit
     assert "from-the-host" not in audit
+
+
+async def test_the_read_secret_example_reads_through_the_socket(env: AgentEnv) -> None:
+    """examples/read_secret.py, as getting-started.md points at it: a value, and a missing one."""
+    env.put("app/db", json.dumps({"password": "pw-12345"}), "--json")
+    example = EXAMPLES / "read_secret.py"
+    environ = {**os.environ, "SECRETS_AGENT_SOCKET": str(env.socket)}
+    async with env.running():
+        for args, code, text in (
+            (["app/db", "password"], 0, b"app/db: 8 characters read (not printed)"),
+            (["app/missing"], 1, b"not found"),
+        ):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(example), *args, env=environ, stdout=PIPE, stderr=PIPE
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == code, err
+            assert text in out + err
+            assert b"pw-12345" not in out + err
