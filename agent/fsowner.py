@@ -222,14 +222,16 @@ def _open_dir_at(dir_fd: int, name: str, path: Path, *, final: bool) -> int:
         raise
 
 
-def explain_denied(path: Path | str, *, write: bool, setting: str | None = None) -> str:
+def explain_denied(
+    path: Path | str, *, write: bool, setting: str | None = None, fix: str | None = None
+) -> str:
     """Why the agent's uid may not read ``path`` (or write in it), for an error message.
 
     Names the first path component that refuses access, its owner and mode
     (or that its file system is read-only), the agent's uid and gid, and the
     fix. ``write`` means creating entries in the directory ``path`` (or in its
     nearest existing ancestor); otherwise reading ``path``. ``setting`` is the
-    config key that could point elsewhere.
+    config key that could point elsewhere; ``fix`` replaces the generic fix.
     """
     uid, gid = os.geteuid(), os.getegid()
     target = Path(os.path.abspath(path))
@@ -247,6 +249,8 @@ def explain_denied(path: Path | str, *, write: bool, setting: str | None = None)
         what = describe(culprit, os.stat(culprit))
     except OSError:
         what = str(culprit)
+    if fix is not None:
+        return f"{what} does not let the agent (uid {uid} gid {gid}) {verb} it. Fix: {fix}"
     if write and not os.path.lexists(target) and verb == "write in":
         # Creating a missing directory in a system one (/, /run): make it, don't chown that.
         return (
@@ -268,7 +272,9 @@ def _first_refusal(target: Path, *, write: bool) -> tuple[Path, str] | None:
         if not _access(ancestor, os.X_OK):
             return ancestor, "enter (search)"
     if not write:
-        return None if _access(target, os.R_OK) else (target, "read")
+        if not os.path.lexists(target) or _access(target, os.R_OK):
+            return None
+        return target, "read"
     if not os.path.lexists(target):
         target = target.parent
     if not os.path.isdir(target):  # an existing file the agent opens for writing

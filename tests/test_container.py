@@ -211,6 +211,33 @@ def test_an_unreadable_keyring_is_named_with_owner_mode_and_fix(image_like: Layo
     assert f"read it. Fix: chown {UID}:{UID} {conf / 'keyring.json'}" in proc.stderr
 
 
+def test_a_put_into_a_root_owned_store_names_the_directory_and_the_fix(image_like: Layout) -> None:
+    """A store on the read-only config mount is fine to serve from, not to write."""
+    conf, _, env = image_like
+    store = conf / "store"
+    for path in [store, *store.rglob("*")]:
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    assert (
+        subprocess.run(
+            _as_agent("secrets-agent", "get", "app/db"), env=env, capture_output=True, timeout=60
+        ).stdout
+        == b"container-value"
+    )
+    proc = subprocess.run(
+        _as_agent("secrets-agent", "put", "app/db", "--value", "new"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert proc.returncode == 1
+    versions = store / "secrets" / "app" / "db" / "versions"
+    assert f"{versions} (owner root uid 0, mode 0755) does not let the agent" in proc.stderr
+    assert f"Fix: chown -R {UID}:{UID} {store}" in proc.stderr
+
+
 APP = """
 import json, socket, sys, http.client
 sock_path, file_path, name = sys.argv[1:4]

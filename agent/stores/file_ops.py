@@ -150,9 +150,14 @@ class DiskOps:
                 "(not mounted, moved away, or not initialised yet)"
             )
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            hint = explain_denied(path, write=False)
+            fix = (
+                f"chown -R {os.geteuid()}:{os.getegid()} {self.root} (a file store belongs to "
+                "the uid that writes it), or run this as the store's owner"
+            )
+            hint = explain_denied(path, write=False, fix=fix)
             if hint.startswith("the agent runs as"):  # readable: so writing was refused
-                hint = explain_denied(path if os.path.isdir(path) else path.parent, write=True)
+                where = path if os.path.isdir(path) else path.parent
+                hint = explain_denied(where, write=True, fix=fix)
             return BackendUnavailable(f"{what}: permission denied on {path} ({code}): {hint}")
         if exc.errno == errno.ELOOP:
             return AccessDenied(f"{what}: {path} is a symlink; the file store does not follow it")
