@@ -34,6 +34,7 @@ from agent.client import BadRequestError, ClientError
 from agent.commands import admin, audit, keys_ops, lifecycle, render, rotate, secrets
 from agent.commands.common import EXIT_FAILURE, EXIT_USAGE, err
 from agent.errors import AgentError, BadRequest, ConfigError
+from agent.fsowner import denied_suffix
 
 #: A bug: an exception no command expects (sysexits' EX_SOFTWARE).
 EXIT_INTERNAL = 70
@@ -130,7 +131,7 @@ def failure(exc: BaseException) -> int:
         err(str(exc))
         return EXIT_FAILURE
     if isinstance(exc, OSError):
-        err(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        err(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ") + denied_suffix(exc))
         return EXIT_FAILURE
     # Not the exception's message: an unexpected error may carry anything.
     err(

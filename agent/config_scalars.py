@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.fsowner import denied_suffix
 
 # --------------------------------------------------------------------------- scalar types
 
@@ -118,7 +119,8 @@ def read_secret_ref(ref: str, *, base_dir: Path | None = None) -> bytes:
     try:
         return path.read_bytes().rstrip(b"\r\n")
     except OSError as exc:
-        raise ConfigError(f"cannot read {ref!r}: {exc.strerror}") from None
+        why = f"{exc.strerror}{denied_suffix(exc, path)}"
+        raise ConfigError(f"cannot read {ref!r}: {why}") from None
 
 
 def default_socket_path() -> Path:

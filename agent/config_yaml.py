@@ -19,6 +19,7 @@ from agent.bounded import (
     yaml_depth_ok,
 )
 from agent.errors import ConfigError
+from agent.fsowner import denied_suffix
 
 
 def _node_lines(node: yaml.Node | None, path: Path) -> dict[str, int]:
@@ -60,7 +61,7 @@ def read_config_bytes(path: Path) -> bytes:
     except TooLarge as exc:
         raise ConfigError(f"config {str(path)!r} is too large: {exc}") from None
     except OSError as exc:
-        reason = exc.strerror or str(exc)
+        reason = (exc.strerror or str(exc)) + denied_suffix(exc, path)
         raise ConfigError(f"cannot read config {str(path)!r}: {reason}") from None
 
 

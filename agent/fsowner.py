@@ -264,6 +264,24 @@ def explain_denied(
     )
 
 
+def denied_suffix(exc: OSError, path: Path | str | None = None, **kwargs: str) -> str:
+    """``": <explain_denied>"`` for a permission or read-only error on ``path``, else ``""``.
+
+    For a caller that does not know whether the path was being read or
+    written: a readable path means writing (in its directory) was refused.
+    ``kwargs`` (``setting``, ``fix``) go to :func:`explain_denied`.
+    """
+    target = path if path is not None else exc.filename
+    if target is None or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ""
+    target = os.fsdecode(target) if isinstance(target, bytes) else str(target)
+    hint = explain_denied(target, write=False, **kwargs)
+    if hint.startswith("the agent runs as"):
+        where = target if os.path.isdir(target) else os.path.dirname(os.path.abspath(target))
+        hint = explain_denied(where, write=True, **kwargs)
+    return f": {hint}"
+
+
 def _first_refusal(target: Path, *, write: bool) -> tuple[Path, str] | None:
     """The first component on the way to ``target`` that refuses the agent, and what it refuses."""
     for ancestor in reversed(target.parents):  # "/" first: each one's parent is searchable

@@ -36,6 +36,7 @@ from agent.fslock import FileLock
 from agent.fsowner import (
     UnsafeDirectory,
     check_directory,
+    denied_suffix,
     describe,
     explain_denied,
     open_checked_dir,
@@ -50,6 +51,7 @@ __all__ = [
     "atomic_write_at",
     "check_directory",
     "create_exclusive",
+    "denied_suffix",
     "describe",
     "explain_denied",
     "fsync_dir",

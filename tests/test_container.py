@@ -238,6 +238,33 @@ def test_a_put_into_a_root_owned_store_names_the_directory_and_the_fix(image_lik
     assert f"Fix: chown -R {UID}:{UID} {store}" in proc.stderr
 
 
+
+def test_an_unreadable_config_and_a_keyring_write_in_the_read_only_dir_name_owner_mode_fix(
+    image_like: Layout,
+) -> None:
+    conf, _, env = image_like
+    cfg = conf / "agent.yaml"
+    cfg.chmod(0o600)  # root's: the agent's uid may not read it
+    err = _run_fails(env, "check-config")
+    assert f"cannot read config '{cfg}': Permission denied: " in err
+    assert f"{cfg} (owner root uid 0, mode 0600) does not let the agent" in err
+    assert f"Fix: chown {UID}:{UID} {cfg}" in err
+    cfg.chmod(0o644)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["keys"]["local"]["keyring"] = "./new-keyring.json"
+    cfg.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run(
+        _as_agent("secrets-agent", "keys", "create"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert proc.returncode == 1
+    assert f"{conf} (owner root uid 0, mode 0755) does not let the agent" in proc.stderr
+    assert f"write in it. Fix: chown {UID}:{UID} {conf}" in proc.stderr
+
 APP = """
 import json, socket, sys, http.client
 sock_path, file_path, name = sys.argv[1:4]

@@ -32,6 +32,7 @@ from agent.errors import (
     DecryptionError,
     MalformedStoreData,
 )
+from agent.fsowner import denied_suffix
 from agent.metrics import Metrics
 from agent.stores.base import store_outcome
 
@@ -58,7 +59,7 @@ class EtcdTls:
             return cls(*(p.read_bytes() if p else None for p in (ca, cert, key)))
         except OSError as exc:
             raise ConfigError(
-                f"cannot read {exc.filename}: {exc.strerror}", path="store.tls"
+                f"cannot read {exc.filename}: {exc.strerror}{denied_suffix(exc)}", path="store.tls"
             ) from None
 
     def credentials(self) -> Any:
