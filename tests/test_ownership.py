@@ -238,6 +238,24 @@ def test_a_symlink_planted_in_a_sticky_directory_is_not_followed(
     assert fsutil.safe_realpath(tmp_path / ".." / tmp_path.name) == tmp_path
 
 
+def test_a_destination_hard_linked_by_another_user_is_replaced_not_written_through(
+    shm: Path, nobody_python: str
+) -> None:
+    """nobody hard-links its own file at a destination in a sticky directory: the
+    agent renames a new file over the name, so nobody's inode never gets the value."""
+    mine, dest = shm / "mine", shm / "pw"
+    code = (
+        f"open({str(mine)!r}, 'w').write('mine'); import os; os.link({str(mine)!r}, {str(dest)!r})"
+    )
+    proc = _as_nobody(nobody_python, "-c", code)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert writer.write_file(dest, b"secret-value", mode=0o400, owner=Owner())
+    assert mine.read_text() == "mine" and mine.stat().st_nlink == 1
+    st = dest.stat()
+    assert (st.st_uid, st.st_mode & 0o7777, dest.read_bytes()) == (0, 0o400, b"secret-value")
+
+
 def test_generation_swaps_never_redirect_a_write_in_200_rotations(
     shm: Path, tmp_path: Path, nobody_python: str
 ) -> None:
