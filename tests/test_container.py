@@ -238,7 +238,6 @@ def test_a_put_into_a_root_owned_store_names_the_directory_and_the_fix(image_lik
     assert f"Fix: chown -R {UID}:{UID} {store}" in proc.stderr
 
 
-
 def test_an_unreadable_config_and_a_keyring_write_in_the_read_only_dir_name_owner_mode_fix(
     image_like: Layout,
 ) -> None:
@@ -264,6 +263,7 @@ def test_an_unreadable_config_and_a_keyring_write_in_the_read_only_dir_name_owne
     assert proc.returncode == 1
     assert f"{conf} (owner root uid 0, mode 0755) does not let the agent" in proc.stderr
     assert f"write in it. Fix: chown {UID}:{UID} {conf}" in proc.stderr
+
 
 APP = """
 import json, socket, sys, http.client
