@@ -142,6 +142,10 @@ def test_a_squatted_render_directory_is_refused_through_a_200_rotation_swap_race
         _, err = swapper.communicate(timeout=60)
     assert swapper.returncode == 0, err.decode()
     assert len(refused) == ROTATIONS
+    # Each rotation was refused before the agent made anything in the squatted
+    # directory: only the swapper's own ..data links are there. (The race of
+    # nobody against the agent creating its directory is the next test.)
+    assert set(os.listdir(squat)) <= {"..data", "..data.moved"}
     assert f"{squat} (owner nobody uid {NOBODY}, mode 0755)" in refused[0]
     assert "Fix: chown root" in refused[0]
     assert _all_files(outside) == []
