@@ -200,7 +200,7 @@ class SecretsManagerStore:
         return doc
 
     async def read_stages(self, name: str) -> StageState:
-        return stage_state(await self._describe(name))
+        return stage_state(await self._describe(name), settle_pending=not self.plaintext)
 
     async def read_version(self, name: str, version_id: str) -> StoredVersion:
         kw: dict[str, Any] = {"SecretId": self._aws_name(name)}

@@ -62,8 +62,18 @@ def unstaged(doc: Mapping[str, Any]) -> bool:
     )
 
 
-def stage_state(doc: Mapping[str, Any]) -> StageState:
-    """The stage map of a DescribeSecret answer, its proof, and a hash of both as revision."""
+def stage_state(doc: Mapping[str, Any], *, settle_pending: bool = False) -> StageState:
+    """The stage map of a DescribeSecret answer, its proof, and a hash of both as revision.
+
+    With ``settle_pending`` (our envelopes, whose maps carry proofs), AWSPENDING
+    on the version that holds AWSCURRENT is left out of the map: that is a
+    finished rotation whose PENDING label stayed behind, as AWS's own rotation
+    functions treat it. Labels move one call at a time here, so two agents
+    finishing the same rotation can leave it so (one agent's late PENDING move
+    landing after the other's finish); kept in the map, it would not match the
+    finished map's proof and the rotation could not be completed. The label
+    stays in AWS until the next rotation moves it.
+    """
     if unstaged(doc):
         return StageState({}, "")
     stages: dict[str, str] = {}
@@ -71,6 +81,9 @@ def stage_state(doc: Mapping[str, Any]) -> StageState:
         for label in labels:
             if label != WRITTEN:
                 stages[STAGE_ALIASES.get(label, label)] = from_token(token)
+    pending = stages.get("PENDING")
+    if settle_pending and pending is not None and pending == stages.get("CURRENT"):
+        del stages["PENDING"]
     proof = next(
         (t.get("Value") for t in doc.get("Tags", []) or [] if t.get("Key") == PROOF_TAG), None
     )

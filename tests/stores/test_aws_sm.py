@@ -192,6 +192,51 @@ async def test_envelopes_are_secret_binary_with_aws_stage_labels(moto_server: Mo
 
 
 @pytest.mark.integration
+async def test_awspending_left_on_the_current_version_is_a_finished_rotation(
+    moto_server: MotoServer,
+) -> None:
+    """Two agents finishing one rotation can leave AWSPENDING beside AWSCURRENT
+    (labels move one call at a time): our maps leave it out, so the finished
+    map still matches its proof; the next PENDING move takes the label over.
+    Plain AWS secrets keep showing it, as AWS does."""
+    prefix = f"enc-{uuid.uuid4().hex[:8]}/"
+    aws = _sm(moto_server)
+    async with _store(moto_server.endpoint_url, prefix) as store:
+        for vid in ("v1", "v2", "v3"):
+            await store.write_version("db", vid, f"envelope {vid}".encode())
+        state = await store.set_stages(
+            "db", {"CURRENT": "v2", "PREVIOUS": "v1"}, expected_revision=""
+        )
+        aws.update_secret_version_stage(
+            SecretId=f"{prefix}db", VersionStage="AWSPENDING", MoveToVersionId=to_token("v2")
+        )
+        state = await store.read_stages("db")
+        assert dict(state.stages) == {"CURRENT": "v2", "PREVIOUS": "v1"}
+        state = await store.set_stages(
+            "db",
+            {"CURRENT": "v2", "PREVIOUS": "v1", "PENDING": "v3"},
+            expected_revision=state.revision,
+        )
+        assert dict(state.stages) == {"CURRENT": "v2", "PREVIOUS": "v1", "PENDING": "v3"}
+        aws.update_secret_version_stage(
+            SecretId=f"{prefix}db",
+            VersionStage="AWSPENDING",
+            MoveToVersionId=to_token("v1"),
+            RemoveFromVersionId=to_token("v3"),
+        )
+        assert (await store.read_stages("db")).stages["PENDING"] == "v1"  # not CURRENT's
+    async with _store(moto_server.endpoint_url, prefix, client_side_encryption=False) as plain:
+        aws.update_secret_version_stage(
+            SecretId=f"{prefix}db",
+            VersionStage="AWSPENDING",
+            MoveToVersionId=to_token("v2"),
+            RemoveFromVersionId=to_token("v1"),
+        )
+        stages = (await plain.read_stages("db")).stages
+        assert stages["PENDING"] == stages["CURRENT"]
+
+
+@pytest.mark.integration
 async def test_the_cheap_check_is_one_describe_secret(moto_server: MotoServer) -> None:
     metrics = Metrics()
     prefix = f"cheap-{uuid.uuid4().hex[:8]}/"
