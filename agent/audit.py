@@ -173,6 +173,7 @@ class AuditLog:
         *,
         metrics: Metrics | None = None,
         settings: AuditConfig | None = None,
+        stream_fd: int = 1,
     ) -> None:
         self.path = path
         self.metrics = metrics
@@ -195,18 +196,25 @@ class AuditLog:
         self._counters: dict[str, Any] = {}
         self._tick_due = False
         self._tick_handle: asyncio.TimerHandle | None = None
-        self._file = AuditFile(path, self._errors)
+        self._file = AuditFile(path, self._errors, stream_fd=stream_fd)
         if path is not None:
             self._resume(path)
             self._file.open(self._seq + 1)
 
     @classmethod
     def from_config(
-        cls, cfg: AuditConfig, *, metrics: Metrics | None = None, base_dir: Path | None = None
+        cls,
+        cfg: AuditConfig,
+        *,
+        metrics: Metrics | None = None,
+        base_dir: Path | None = None,
+        stream_fd: int = 1,
     ) -> AuditLog | NullAudit:
         """The audit log ``audit.path`` asks for: a file, ``-`` (stdout) or off (null).
 
         A relative path is resolved against ``base_dir`` (the config's directory).
+        ``stream_fd`` is where ``-`` writes: 1 for the agent, 2 for the CLI
+        commands that audit (their stdout is their answer, for people and scripts).
 
         Raises:
             ConfigError: the file cannot be opened for appending (checked now,
@@ -215,7 +223,7 @@ class AuditLog:
         if cfg.path is None:
             return NullAudit()
         if cfg.path == "-":
-            return cls(None, metrics=metrics, settings=cfg)
+            return cls(None, metrics=metrics, settings=cfg, stream_fd=stream_fd)
         path = Path(cfg.path).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path

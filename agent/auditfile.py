@@ -64,9 +64,11 @@ class AuditFile:
     a rotated file is named after the first record it holds.
     """
 
-    def __init__(self, path: Path | None, errors: RateLimitedLog) -> None:
+    def __init__(self, path: Path | None, errors: RateLimitedLog, *, stream_fd: int = 1) -> None:
         self.path = path
-        self.fd: int | None = 1 if path is None else None
+        #: The standard stream written with ``path=None`` (never closed here).
+        self._stream = stream_fd
+        self.fd: int | None = stream_fd if path is None else None
         #: Whether the last write failed (reported in ``/v1/status``).
         self.failing = False
         self._errors = errors
@@ -154,7 +156,7 @@ class AuditFile:
         # The name a size rotation gives this file: the seq of its first record
         # (one already there, after a restart), else the next one written.
         self._first_seq = (_first_seq(fd) if st.st_size else None) or next_seq
-        if old is not None and old != 1:
+        if old is not None and old != self._stream:
             os.close(old)
 
     def follow_rotation(self, next_seq: int) -> None:
@@ -246,7 +248,7 @@ class AuditFile:
     def close(self) -> None:
         """Fsync and close the file (stdout stays open); later appends fail."""
         fd, self.fd = self.fd, None
-        if fd is not None and fd != 1:
+        if fd is not None and self.path is not None:
             with contextlib.suppress(OSError):
                 os.fsync(fd)
             os.close(fd)

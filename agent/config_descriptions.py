@@ -172,7 +172,8 @@ DESCRIPTIONS = {
     "audit": "The audit log. See [security.md](security.md).",
     "audit.path": "Hash-chained JSON-lines audit log: a file (relative: to the config's "
     "directory), `-` for stdout, `null` for none. `init` writes `-`, which works on a "
-    "read-only root with a read-only config mount.",
+    "read-only root with a read-only config mount. With `-`, CLI commands that audit "
+    "(`delete`, `restore`, `rotate`, `keys`) write their records to stderr.",
     "log": "Logging (stderr).",
     "log.level": "Minimum level.",
     "log.format": "`text`, or `json` (one object per line).",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -175,3 +177,25 @@ async def test_a_scheduled_rotation_leaves_a_deleted_secret_alone(env: AgentEnv)
             await writer.put("app/s", b"w", stage="DELETED.CURRENT")
     finally:
         await core.aclose()
+
+
+def test_with_the_audit_log_on_stdout_the_cli_writes_its_records_to_stderr(
+    env: AgentEnv,
+) -> None:
+    """``audit.path: "-"`` (init's default, for read-only mounts) is the agent's
+    stdout. A command that audits (delete, restore, rotate, keys) keeps its
+    stdout for its answer, which scripts read, and writes the records to stderr."""
+    env.configure(audit={"path": "-"})
+    env.put("app/pw", "one")
+    for args in (("delete", "app/pw"), ("restore", "app/pw")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent", "-c", str(env.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("app/pw: ") and "{" not in proc.stdout, proc.stdout
+        records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+        assert [r["event"] for r in records] == [f"secret_{args[0]}d"], proc.stderr

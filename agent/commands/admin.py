@@ -320,7 +320,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _audit_key_change(config: AgentConfig, command: str, infos: list[KeyInfo]) -> None:
     from agent.audit import AuditLog
 
-    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir)
+    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir, stream_fd=2)
     event = "key_created" if command == "create" else "key_rotated"
     for info in infos:
         audit.record(event, outcome="ok", reason=f"{info.provider}/{info.key} v{info.version}")

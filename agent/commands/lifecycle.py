@@ -78,7 +78,7 @@ def _audit(config: AgentConfig, event: str, names: dict[str, str]) -> None:
 
     if not names:
         return
-    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir)
+    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir, stream_fd=2)
     for name, reason in names.items():
         audit.record(event, secret=name, outcome="ok", reason=reason)
     run_async(audit.aclose())

@@ -66,7 +66,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         raise BadRequest(f"rotator {rotator_name!r}: {exc.message}") from None
     from agent.audit import AuditLog
 
-    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir)
+    audit = AuditLog.from_config(config.audit, base_dir=config.base_dir, stream_fd=2)
 
     async def go(core: Core) -> Any:
         engine = RotationEngine(core.writer(), core.resolver, metrics=core.metrics, audit=audit)
