@@ -52,6 +52,8 @@ class Daemon:
         self.cache = SecretCache(
             self.core.resolver, settings=config.refresh, metrics=self.metrics, audit=self.audit
         )
+        #: Secrets loaded and every template rendered once (``/readyz``).
+        self.ready = asyncio.Event()
         self.refresher = Refresher(
             self.cache,
             self.core.store,
@@ -63,7 +65,7 @@ class Daemon:
             self.cache,
             AccessPolicy(config.access),
             self.metrics,
-            ready=self.refresher.ready,
+            ready=self.ready,
             max_connections=config.listen.max_connections,
             audit=self.audit,
             region=getattr(config.store, "region", None) or "local",
@@ -169,6 +171,7 @@ class Daemon:
             # part is restarted alone by the supervisor.
             for name, factory in (
                 ("startup_load", self._startup_load),
+                ("readiness", self._become_ready),
                 ("refresher", self.refresher.run),
                 ("config_watch", self._watch_config),
                 ("renderer", self.renderer.run),
@@ -186,6 +189,14 @@ class Daemon:
             await self.core.aclose()
             await self.audit.aclose()
             self._remove_signals()
+
+    async def _become_ready(self) -> None:
+        """Set :attr:`ready` once the secrets are loaded and every template rendered once."""
+        await self.refresher.ready.wait()
+        await self.renderer.settled()
+        self.ready.set()
+        self.metrics.ready.set(1)
+        log.info("ready: serving, with every template rendered once")
 
     async def _startup_load(self) -> None:
         try:

@@ -228,7 +228,6 @@ class Refresher:
                 len(self._failed_for_good),
             )
             self.ready.set()
-            self.metrics.ready.set(1)
 
     # --------------------------------------------------------------------- loops
 

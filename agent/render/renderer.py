@@ -56,6 +56,8 @@ class _Template:
     last_render: str | None = None
     error: str | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The renderer's pass number when this template's last finished attempt began.
+    attempted: int = -1
 
     @property
     def label(self) -> str:
@@ -97,6 +99,9 @@ class Renderer:
         self._group: asyncio.TaskGroup | None = None
         #: Set by :meth:`reconfigure` so :meth:`watch_template_files` watches the new set.
         self._reconfigured = asyncio.Event()
+        #: Bumped by :meth:`settled`; set after every render attempt.
+        self._pass = 0
+        self._attempt_done = asyncio.Event()
 
     def _new(self, index: int, cfg: TemplateConfig) -> _Template:
         where = f"templates[{index}] ({cfg.destination})"
@@ -235,9 +240,11 @@ class Renderer:
         while True:
             await t.dirty.wait()
             t.dirty.clear()
+            began = self._pass
             try:
                 changed = await self.render_one(t)
             except Exception as exc:  # never let one template end the renderer
+                self._attempted(t, began)
                 delay = backoff.next_delay()
                 log.warning(
                     "render failed, keeping the last good file: %s; retry in %.1fs",
@@ -248,10 +255,33 @@ class Renderer:
                 await wait_event(t.dirty, delay)
                 t.dirty.set()
                 continue
+            self._attempted(t, began)
             backoff.reset()
             if changed:
                 log.info("%s rendered", t.where)
                 t.notifier.changed()
+
+    def _attempted(self, t: _Template, began: int) -> None:
+        t.attempted = max(t.attempted, began)
+        self._attempt_done.set()
+
+    async def settled(self) -> None:
+        """Return once every template has been rendered (or failed to) from now on.
+
+        The agent is ready only after this: an app started by the readiness
+        probe finds its files written from the secrets already loaded. A render
+        that fails counts (as a secret that fails for good does): its error is
+        in ``/v1/status`` and the renderer keeps retrying.
+        """
+        self._pass += 1
+        target = self._pass
+        for t in self._templates:
+            t.dirty.set()
+        while True:
+            self._attempt_done.clear()
+            if all(t.attempted >= target for t in self._templates):
+                return
+            await self._attempt_done.wait()
 
     def on_template_file_changed(self, path: Path) -> None:
         """Schedule a re-render of every template whose ``template_file`` is ``path``."""

@@ -199,7 +199,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    """``GET /readyz``: every configured secret has loaded (or failed for good)."""
+    """``GET /readyz``: every secret has loaded (or failed for good), every template rendered."""
     ready = request.app[STATE].ready.is_set()
     return web.json_response(
         {"status": "ready" if ready else "starting"}, status=200 if ready else 503

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from agent.render.renderer import Renderer
 from tests.agentenv import AgentEnv
 
 
@@ -28,6 +32,35 @@ async def test_the_agent_renders_at_start_and_on_rotation(env: AgentEnv, tmpfs: 
         _, _, body = await agent.get("/v1/status")
         templates = json.loads(body)["templates"]
         assert templates[0]["destination"] == str(dest) and templates[0]["error"] is None
+
+
+async def test_ready_means_every_template_is_rendered(
+    env: AgentEnv, tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A native sidecar's startup probe (``health --ready``) starts the app:
+    its files must be there by then, however slow the render. A template whose
+    render fails does not hold readiness (its error is in the status)."""
+    dest, bad = tmpfs / "pw", tmpfs / "bad"
+    env.put("prod/db", '{"password": "one"}')
+    env.configure(
+        templates=[
+            {"destination": str(dest), "secret": "prod/db", "key": "password"},
+            {"destination": str(bad), "secret": "prod/db", "key": "nope"},
+        ]
+    )
+    original = Renderer.render_one
+
+    async def slow(self: Renderer, t: Any) -> bool:
+        await asyncio.sleep(0.5)
+        return await original(self, t)
+
+    monkeypatch.setattr(Renderer, "render_one", slow)
+    async with env.running() as agent:
+        assert dest.read_bytes() == b"one"
+        assert not bad.exists()
+        _, _, body = await agent.get("/v1/status")
+        templates = json.loads(body)["templates"]
+        assert templates[0]["error"] is None and "nope" in templates[1]["error"]
 
 
 def test_a_bad_destination_stops_the_agent_at_start(env: AgentEnv, tmp_path: Path) -> None:
