@@ -4,7 +4,8 @@ A caller no rule names gets health only (``ready``): status would otherwise
 tell a stranger which secrets exist, where templates write and why they
 fail. A granted caller sees the secrets it may list, the templates whose
 every secret it may list, and the agent-wide parts (audit, keys). Errors
-shown carry no absolute paths.
+and file paths shown carry no absolute paths (a template's ``destination``
+stays whole: the caller reads that file).
 """
 
 from __future__ import annotations
@@ -44,8 +45,22 @@ def status_for(
     ]
     for part in parts:
         for key, value in part().items():
-            doc[key] = _filter(value, visible)
+            doc[key] = _scrub(_filter(value, visible))
     return doc
+
+
+#: Keys whose string values are cut to their last path component.
+_PATH_KEYS = frozenset({"error", "last_error", "path"})
+
+
+def _scrub(value: Any, key: str | None = None) -> Any:
+    if isinstance(value, str):
+        return redact_paths(value) if key in _PATH_KEYS else value
+    if isinstance(value, Mapping):
+        return {k: _scrub(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, key) for v in value]
+    return value
 
 
 def _names_of(entry: Mapping[str, Any]) -> list[str] | None:

@@ -49,6 +49,7 @@ async def test_status_shows_each_caller_only_what_its_rules_allow(
 ) -> None:
     env.configure(
         listen={"socket": "./agent.sock", "socket_mode": "0666"},
+        audit={"path": str(env.dir / "audit.log")},
         access=[
             {"secrets": ["*"], "uids": [0]},
             {"secrets": ["public/*"], "uids": [NOBODY]},
@@ -85,6 +86,8 @@ async def test_status_shows_each_caller_only_what_its_rules_allow(
         assert [s["name"] for s in doc["secrets"]] == ["public/p"]
         assert [t["secrets"] for t in doc["templates"]] == [["public/p"]]
         assert b"app/q" not in body and b"q.conf" not in body
+        # Agent-wide parts (audit, keys) name no absolute path either.
+        assert str(env.dir).encode() not in body, body
 
 
 async def test_a_caller_with_no_grant_gets_health_only(
