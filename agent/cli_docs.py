@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.docgen import generated_doc_main
+
 REGENERATE = "python -m agent.cli_docs --write"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 _WIDTH = "90"  # argparse wraps to $COLUMNS: fixed, so the output is the same everywhere
@@ -65,21 +67,7 @@ def reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.cli_docs")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help=f"rewrite {DOC.name}")
-    mode.add_argument("--check", action="store_true", help="exit 1 if it is stale")
-    args = parser.parse_args(argv)
-    text = reference()
-    if args.write:
-        DOC.write_text(text, encoding="utf-8")
-    elif args.check:
-        if DOC.read_text(encoding="utf-8") != text:
-            print(f"{DOC} is stale; regenerate it with: {REGENERATE}", file=sys.stderr)
-            return 1
-    else:
-        print(text, end="")
-    return 0
+    return generated_doc_main(argv, module="agent.cli_docs", doc=DOC, reference=reference)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ python -m agent.metrics_docs --check     # exit 1 if the committed file is stale
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from agent.docgen import generated_doc_main
 from agent.metrics import Metrics, _Def
 
 REGENERATE = "python -m agent.metrics_docs --write"
@@ -71,21 +71,7 @@ def reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent.metrics_docs")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help=f"rewrite {DOC.name}")
-    mode.add_argument("--check", action="store_true", help="exit 1 if it is stale")
-    args = parser.parse_args(argv)
-    text = reference()
-    if args.write:
-        DOC.write_text(text, encoding="utf-8")
-    elif args.check:
-        if not DOC.exists() or DOC.read_text(encoding="utf-8") != text:
-            print(f"{DOC} is stale; regenerate it with: {REGENERATE}", file=sys.stderr)
-            return 1
-    else:
-        print(text, end="")
-    return 0
+    return generated_doc_main(argv, module="agent.metrics_docs", doc=DOC, reference=reference)
 
 
 if __name__ == "__main__":
